@@ -1,0 +1,48 @@
+// RAII over OpenSSL objects: OsslPtr<T> is a unique_ptr with the right *_free for T. No naked
+// *_free outside these deleters.
+#pragma once
+
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/ec.h>
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+
+namespace custody {
+
+template <typename T>
+struct OsslDeleter;
+
+#define CUSTODY_OSSL_DELETER_(type, free_fn)              \
+  template <>                                             \
+  struct OsslDeleter<type> {                              \
+    void operator()(type* p) const noexcept { free_fn(p); } \
+  }
+
+CUSTODY_OSSL_DELETER_(BIO, BIO_free_all);
+CUSTODY_OSSL_DELETER_(BIGNUM, BN_free);
+CUSTODY_OSSL_DELETER_(ECDSA_SIG, ECDSA_SIG_free);
+CUSTODY_OSSL_DELETER_(EVP_MD_CTX, EVP_MD_CTX_free);
+CUSTODY_OSSL_DELETER_(EVP_PKEY, EVP_PKEY_free);
+CUSTODY_OSSL_DELETER_(EVP_PKEY_CTX, EVP_PKEY_CTX_free);
+CUSTODY_OSSL_DELETER_(X509, X509_free);
+CUSTODY_OSSL_DELETER_(X509_NAME, X509_NAME_free);
+#undef CUSTODY_OSSL_DELETER_
+
+template <typename T>
+using OsslPtr = std::unique_ptr<T, OsslDeleter<T>>;
+
+// OsslError drains the calling thread's OpenSSL error queue into a status with `code`, whose
+// message starts with `what`. The queue is left empty either way.
+absl::Status OsslError(absl::StatusCode code, const std::string& what);
+
+// ClearOsslErrors empties the calling thread's OpenSSL error queue.
+void ClearOsslErrors();
+
+}  // namespace custody

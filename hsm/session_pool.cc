@@ -1,0 +1,104 @@
+#include "hsm/session_pool.h"
+
+#include <spdlog/spdlog.h>
+
+#include <utility>
+
+namespace custody::hsm {
+
+SessionPool::Lease::Lease(Lease&& other) noexcept
+    : pool_(std::exchange(other.pool_, nullptr)), handle_(other.handle_), lost_(other.lost_) {}
+
+SessionPool::Lease::~Lease() {
+  if (pool_ != nullptr) {
+    pool_->Release(handle_, lost_);
+  }
+}
+
+SessionPool::SessionPool(std::shared_ptr<Pkcs11Module> module, CK_SLOT_ID slot, std::string pin,
+                         std::size_t size)
+    : module_(std::move(module)), slot_(slot), pin_(std::move(pin)), size_(size) {}
+
+SessionPool::~SessionPool() {
+  absl::MutexLock lock(&mu_);
+  for (CK_SESSION_HANDLE h : idle_) {
+    module_->fn()->C_CloseSession(h);
+  }
+  idle_.clear();
+}
+
+std::size_t SessionPool::in_use() const {
+  absl::MutexLock lock(&mu_);
+  return open_ - idle_.size();
+}
+
+absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto can_proceed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return !idle_.empty() || open_ < size_;
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&can_proceed), deadline)) {
+      return absl::DeadlineExceededError("every HSM session stayed busy until the deadline");
+    }
+    if (!idle_.empty()) {
+      const CK_SESSION_HANDLE h = idle_.back();
+      idle_.pop_back();
+      return Lease(this, h);
+    }
+    ++open_;  // Reserve the place while opening outside the lock.
+  }
+  absl::StatusOr<CK_SESSION_HANDLE> h = OpenLoggedIn();
+  if (!h.ok()) {
+    absl::MutexLock lock(&mu_);
+    --open_;
+    return h.status();
+  }
+  return Lease(this, *h);
+}
+
+absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn() {
+  CK_FUNCTION_LIST* fn = module_->fn();
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_RV rv = fn->C_OpenSession(slot_, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &h);
+  if (rv != CKR_OK) {
+    return RvToStatus(rv, "C_OpenSession");
+  }
+  // The login is the application's, shared by all its sessions; it is lost when the last
+  // session closes (PKCS#11 v2.40, 5.6), so every new session checks it.
+  rv = fn->C_Login(h, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(pin_.data())),
+                   pin_.size());
+  if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+    fn->C_CloseSession(h);
+    return RvToStatus(rv, "C_Login");
+  }
+  return h;
+}
+
+void SessionPool::Release(CK_SESSION_HANDLE handle, bool lost) {
+  std::vector<CK_SESSION_HANDLE> to_close;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!lost) {
+      idle_.push_back(handle);
+      return;
+    }
+    to_close.swap(idle_);
+    to_close.push_back(handle);
+    open_ -= to_close.size();
+  }
+  spdlog::warn("hsm: session lost; closing {} session(s), the next use opens and logs in anew",
+               to_close.size());
+  for (CK_SESSION_HANDLE h : to_close) {
+    module_->fn()->C_CloseSession(h);  // Already invalid, most likely; nothing to do on error.
+  }
+}
+
+absl::Status SessionPool::CloseAllSessions() {
+  absl::MutexLock lock(&mu_);
+  open_ -= idle_.size();
+  idle_.clear();
+  return RvToStatus(module_->fn()->C_CloseAllSessions(slot_), "C_CloseAllSessions");
+}
+
+}  // namespace custody::hsm

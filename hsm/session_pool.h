@@ -1,0 +1,80 @@
+// SessionPool: logged-in PKCS#11 sessions on one slot, lent out one caller at a time. Its size
+// is the number of HSM operations in flight at once.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "hsm/pkcs11.h"
+
+namespace custody::hsm {
+
+class SessionPool {
+ public:
+  // Lease is one borrowed session. It goes back to the pool on destruction, or is closed when
+  // marked lost. Move-only; must not outlive the pool.
+  class Lease {
+   public:
+    Lease(Lease&& other) noexcept;
+    Lease& operator=(Lease&&) = delete;
+    Lease(const Lease&) = delete;
+    ~Lease();
+    CK_SESSION_HANDLE get() const { return handle_; }
+    // MarkLost says the session (or the token's login) is gone: on release it is closed rather
+    // than reused, and the idle sessions opened before it are discarded too, since a lost
+    // session usually means the token was reset.
+    void MarkLost() { lost_ = true; }
+
+   private:
+    friend class SessionPool;
+    Lease(SessionPool* pool, CK_SESSION_HANDLE handle) : pool_(pool), handle_(handle) {}
+    SessionPool* pool_;
+    CK_SESSION_HANDLE handle_;
+    bool lost_ = false;
+  };
+
+  // SessionPool lends at most `size` sessions on `slot`, each logged in as the user with `pin`.
+  // Sessions are opened lazily.
+  SessionPool(std::shared_ptr<Pkcs11Module> module, CK_SLOT_ID slot, std::string pin,
+              std::size_t size);
+  ~SessionPool();
+  SessionPool(const SessionPool&) = delete;
+  SessionPool& operator=(const SessionPool&) = delete;
+
+  // Acquire lends a logged-in session, waiting until `deadline` for one to come free
+  // (DEADLINE_EXCEEDED after that). Opening or logging in may fail with the token's status.
+  // Thread-safe.
+  [[nodiscard]] absl::StatusOr<Lease> Acquire(absl::Time deadline);
+
+  // CloseAllSessions calls C_CloseAllSessions on the slot, as a token reset would: sessions
+  // lent out at the time fail on their next use and are replaced. For tests and recovery drills.
+  [[nodiscard]] absl::Status CloseAllSessions();
+
+  // size is the pool's capacity; in_use the sessions lent out now. Thread-safe.
+  std::size_t size() const { return size_; }
+  std::size_t in_use() const;
+
+  const std::shared_ptr<Pkcs11Module>& module() const { return module_; }
+  CK_SLOT_ID slot() const { return slot_; }
+
+ private:
+  absl::StatusOr<CK_SESSION_HANDLE> OpenLoggedIn();
+  void Release(CK_SESSION_HANDLE handle, bool lost);
+
+  const std::shared_ptr<Pkcs11Module> module_;
+  const CK_SLOT_ID slot_;
+  const std::string pin_;
+  const std::size_t size_;
+
+  mutable absl::Mutex mu_;
+  std::vector<CK_SESSION_HANDLE> idle_ ABSL_GUARDED_BY(mu_);
+  std::size_t open_ ABSL_GUARDED_BY(mu_) = 0;  // Idle plus lent out.
+};
+
+}  // namespace custody::hsm
