@@ -13,8 +13,9 @@
 #  - softhsm2-util takes PINs on argv only: the token is initialised with
 #    pkcs11-tool instead.
 #  - pkcs11-tool --read-object writes an Ed25519 public key as PEM (DER for the
-#    others); both are accepted, and the SPKI is built from CKA_EC_POINT as a
-#    last resort.
+#    others) and cannot export a P-384 key at all; EC public keys then fall back
+#    to an SPKI built from CKA_EC_PARAMS + CKA_EC_POINT (and every exported EC
+#    key is cross-checked against CKA_EC_POINT).
 #  - libp11 0.4.12 (the pkcs11 engine) cannot enumerate private keys at all once
 #    the token holds an Ed25519 (CKK_EC_EDWARDS) private key: every key lookup
 #    then fails ("Unable to enumerate private keys") and openssl segfaults. So
@@ -111,7 +112,8 @@ if [[ -e "$DIR" || -L "$DIR" ]]; then
     fi
   fi
 else
-  mkdir -p -- "$DIR"
+  [[ -d "$(dirname -- "$DIR")" ]] || refuse "parent directory of $DIR does not exist"
+  mkdir -- "$DIR"
   created_dir=1
 fi
 
@@ -122,6 +124,8 @@ finished=0
 
 on_exit() {
   local rc=$?
+  set +e                      # clean up no matter what:
+  trap '' INT TERM HUP PIPE   # not interruptible, and stderr may be a closed pipe
   ((finished)) && return 0
   ((rc != 0)) || rc=1
   say "FAILED during step: $STEP (exit $rc)"
@@ -140,11 +144,13 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
+trap 'exit 141' PIPE
 
-step() {
+step() { # a step worth a progress line
   STEP=$*
   say "$*"
 }
+substep() { STEP=$*; } # named in the failure message only
 
 : >"$DIR/$MARKER"
 mkdir -p "$DIR/.build" "$DIR/tokens" "$DIR/keys" "$DIR/certs" "$DIR/identities"
@@ -167,7 +173,7 @@ if [[ -z "$MODULE" ]]; then
 fi
 [[ -n "$MODULE" ]] || die "SoftHSM2 module libsofthsm2.so not found; set CUSTODY_PKCS11_MODULE"
 [[ -f "$MODULE" ]] || die "PKCS#11 module not found: $MODULE"
-MODULE=$(realpath -- "$MODULE")
+MODULE=$(realpath -s -- "$MODULE") # absolute, symlinks kept
 [[ "$MODULE" =~ $safe_path_re ]] || die "module path has unusual characters: $MODULE"
 
 ENGINE=${CUSTODY_PKCS11_ENGINE:-}
@@ -267,12 +273,24 @@ def main(cmd, *a):
         bad += ["extractable"] if "extractable" in access else []
         if bad:
             sys.exit(f"{name}: private key check failed: {', '.join(bad)} (Access: {o.get('Access')})")
-    elif cmd == "ed25519-spki":  # LIST ID OUT: SPKI DER built from CKA_EC_POINT
+    elif cmd == "ec-spki":  # LIST ID OUT: SubjectPublicKeyInfo DER built from CKA_EC_PARAMS + CKA_EC_POINT
         path, oid, out = a
-        point = octet_string_content(one(with_id(path, oid, "pub"), "public key").get("EC_POINT", ""))
-        if len(point) != 32:
-            sys.exit("Ed25519 point is not 32 bytes")
-        open(out, "wb").write(bytes.fromhex("302a300506032b6570032100") + point)
+        o = one(with_id(path, oid, "pub"), "public key")
+        point = octet_string_content(o.get("EC_POINT", ""))
+        params = bytes.fromhex(o.get("EC_PARAMS", "").split()[0])
+        if params == b"\x13\x0cedwards25519" or params == bytes.fromhex("06032b6570"):
+            if len(point) != 32:
+                sys.exit("Ed25519 point is not 32 bytes")
+            spki = bytes.fromhex("302a300506032b6570032100") + point
+        elif params[:1] == b"\x06":  # named curve OID
+            alg = bytes.fromhex("06072a8648ce3d0201") + params  # id-ecPublicKey, curve
+            alg = b"\x30" + der_len(len(alg)) + alg
+            bits = b"\x00" + point
+            body = alg + b"\x03" + der_len(len(bits)) + bits
+            spki = b"\x30" + der_len(len(body)) + body
+        else:
+            sys.exit(f"unsupported CKA_EC_PARAMS {params.hex()}")
+        open(out, "wb").write(spki)
     elif cmd == "pointcheck":  # LIST ID SPKI_DER: the exported key is the token's key
         path, oid, spki = a
         point = octet_string_content(one(with_id(path, oid, "pub"), "public key").get("EC_POINT", ""))
@@ -353,19 +371,23 @@ gen_key() {
   quiet p11_login --keypairgen --key-type "$type" --sensitive --usage-sign \
     --label "$name" --id "$id"
 
-  step "checking that $name's private key is sensitive and never extractable"
+  substep "checking that $name's private key is sensitive and never extractable"
   p11_login -O >"$T/objects.txt" 2>>"$LOG"
   labtool privcheck "$T/objects.txt" "$name" "$id"
 
-  step "exporting $name's public key"
+  substep "exporting $name's public key"
   local raw="$T/$name.pub.raw" pem="$DIR/keys/$name.pub.pem"
-  quiet p11 --read-object --type pubkey --id "$id" -o "$raw"
-  # DER for RSA/EC; pkcs11-tool 0.23 writes Ed25519 as PEM.
-  if ! openssl pkey -pubin -inform DER -in "$raw" -out "$pem" 2>>"$LOG" &&
-    ! openssl pkey -pubin -inform PEM -in "$raw" -out "$pem" 2>>"$LOG"; then
-    [[ "$type" == EC:edwards25519 ]] || die "cannot parse the public key of $name"
-    say "building the Ed25519 SPKI of $name from CKA_EC_POINT"
-    labtool ed25519-spki "$T/objects.txt" "$id" "$T/$name.spki.der"
+  # pkcs11-tool 0.23 writes DER for RSA and P-256, PEM for Ed25519, and fails
+  # ("cannot create EVP_PKEY") for P-384: EC keys fall back to an SPKI built
+  # from the token's CKA_EC_PARAMS and CKA_EC_POINT.
+  if quiet p11 --read-object --type pubkey --id "$id" -o "$raw" &&
+    { openssl pkey -pubin -inform DER -in "$raw" -out "$pem" 2>>"$LOG" ||
+      openssl pkey -pubin -inform PEM -in "$raw" -out "$pem" 2>>"$LOG"; }; then
+    :
+  else
+    [[ "$type" == EC:* ]] || die "cannot export the public key of $name"
+    echo "(building the SPKI of $name from CKA_EC_PARAMS/CKA_EC_POINT)" >>"$LOG"
+    labtool ec-spki "$T/objects.txt" "$id" "$T/$name.spki.der"
     openssl pkey -pubin -inform DER -in "$T/$name.spki.der" -out "$pem" 2>>"$LOG"
   fi
   if [[ "$type" == EC:* ]]; then
@@ -378,7 +400,7 @@ gen_key() {
 # Import a certificate into the token under the naming convention.
 import_cert() {
   local name=$1 pem=$2
-  step "importing $name's certificate into the token"
+  substep "importing $name's certificate into the token"
   openssl x509 -in "$pem" -outform DER -out "$T/$name.crt.der"
   quiet p11_login --write-object "$T/$name.crt.der" --type cert --label "$name" --id "$(key_id "$name")"
 }
@@ -427,14 +449,12 @@ eng_openssl() { OPENSSL_CONF="$DIR/openssl-engine.cnf" openssl "$@" </dev/null; 
 
 # ---------------------------------------------------------------- CA
 step "creating the lab CA certificate (signed inside the token)"
-cat >"$T/ca.ext" <<EOF
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-EOF
 quiet eng_openssl req -x509 -new -engine pkcs11 -keyform engine -key "$CA_URI" \
   -subj "/O=custody lab/CN=custody lab CA" -days 3650 -sha256 -set_serial "$(serial)" \
-  -config "$DIR/openssl-engine.cnf" -extfile "$T/ca.ext" -out "$DIR/ca.crt"
+  -addext "basicConstraints = critical,CA:TRUE" \
+  -addext "keyUsage = critical,keyCertSign,cRLSign" \
+  -addext "subjectKeyIdentifier = hash" \
+  -out "$DIR/ca.crt"
 quiet openssl verify -CAfile "$DIR/ca.crt" "$DIR/ca.crt"
 import_cert "$CA_KEY" "$DIR/ca.crt"
 
@@ -495,11 +515,13 @@ step "issuing the server certificate of lab-ed25519 (CA signs with C_Sign via pk
 ca_ski=$(openssl x509 -in "$DIR/ca.crt" -noout -ext subjectKeyIdentifier | tail -n 1 | tr -d ' ')
 [[ "$ca_ski" =~ ^[0-9A-F:]+$ ]] || die "cannot read the CA subject key identifier"
 quiet openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$T/standin.key"
-printf 'basicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = %s\n' \
-  "$ca_ski" >"$T/standin-ca.ext"
 printf '[req]\ndistinguished_name = req_dn\nprompt = no\n[req_dn]\n' >"$T/plain.cnf"
 quiet openssl req -x509 -new -key "$T/standin.key" -subj "/O=custody lab/CN=custody lab CA" -days 1 \
-  -config "$T/plain.cnf" -extfile "$T/standin-ca.ext" -out "$T/standin-ca.crt"
+  -config "$T/plain.cnf" \
+  -addext "basicConstraints = critical,CA:TRUE" \
+  -addext "keyUsage = critical,keyCertSign,cRLSign" \
+  -addext "subjectKeyIdentifier = $ca_ski" \
+  -out "$T/standin-ca.crt"
 ext_file "$T/lab-ed25519.ext" serverAuth "$(server_san ed25519)"
 quiet openssl x509 -new -subj "/O=custody lab/CN=ed25519.lab.test" -force_pubkey "$DIR/keys/lab-ed25519.pub.pem" \
   -days 825 -sha256 -set_serial "$(serial)" -extfile "$T/lab-ed25519.ext" \
@@ -568,7 +590,7 @@ policy:
 EOF
 
 # ---------------------------------------------------------------- finish
-step "cleaning up scratch files"
+substep "cleaning up scratch files"
 USER_PIN=
 rm -rf -- "$T"
 
@@ -603,5 +625,5 @@ mv -- "$DIR/lab.env.tmp" "$DIR/lab.env"
 rm -f -- "$DIR/$MARKER"
 
 finished=1
-trap - EXIT INT TERM HUP
+trap - EXIT INT TERM HUP PIPE
 printf 'lab ready: %s\nsource %s/lab.env\n' "$DIR" "$DIR"

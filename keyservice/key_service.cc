@@ -1,0 +1,277 @@
+#include "keyservice/key_service.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <map>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace custody::keyservice {
+namespace {
+
+using custody::v1::Key;
+using custody::v1::KeyVersion;
+
+std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
+
+double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
+
+int64_t Micros(absl::Time start) { return absl::ToInt64Microseconds(absl::Now() - start); }
+
+custody::v1::KeyType ToProto(hsm::KeyType type) {
+  switch (type) {
+    case hsm::KeyType::kEcP256:
+      return custody::v1::KEY_TYPE_EC_P256;
+    case hsm::KeyType::kEcP384:
+      return custody::v1::KEY_TYPE_EC_P384;
+    case hsm::KeyType::kRsa:
+      return custody::v1::KEY_TYPE_RSA;
+    case hsm::KeyType::kEd25519:
+      return custody::v1::KEY_TYPE_ED25519;
+    case hsm::KeyType::kEcP521:
+      break;
+  }
+  return custody::v1::KEY_TYPE_UNSPECIFIED;
+}
+
+// Grouped returns the backend's key versions by name, lowest version first.
+std::map<std::string, std::vector<hsm::KeyVersionInfo>> Grouped(const hsm::KeyBackend& backend) {
+  std::map<std::string, std::vector<hsm::KeyVersionInfo>> out;
+  for (hsm::KeyVersionInfo& v : backend.ListKeys()) {
+    out[v.name].push_back(std::move(v));
+  }
+  for (auto& [name, versions] : out) {
+    std::sort(versions.begin(), versions.end(),
+              [](const auto& a, const auto& b) { return a.version < b.version; });
+  }
+  return out;
+}
+
+}  // namespace
+
+Caller CallerOf(const grpc::ServerContext& context) {
+  Caller caller;
+  caller.peer = context.peer();
+  const auto auth = context.auth_context();
+  if (auth != nullptr && auth->IsPeerAuthenticated()) {
+    const auto cn = auth->FindPropertyValues("x509_common_name");
+    if (!cn.empty()) {
+      caller.identity.assign(cn.front().data(), cn.front().size());
+    }
+  }
+  return caller;
+}
+
+grpc::Status ToGrpcStatus(const absl::Status& status, const std::string& request_id) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+      return grpc::Status::OK;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kDeadlineExceeded:
+      return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                          std::string(status.message()));
+    default:
+      spdlog::error("request={} failed: {}", request_id, status.ToString());
+      return grpc::Status(
+          static_cast<grpc::StatusCode>(status.code()),
+          absl::StrCat("key service could not complete the request (request ", request_id,
+                       "); see its log"));
+  }
+}
+
+std::string DerToPem(const std::string& label, const std::vector<uint8_t>& der) {
+  std::string out = absl::StrCat("-----BEGIN ", label, "-----\n");
+  for (std::size_t off = 0; off < der.size(); off += 48) {
+    const std::size_t n = std::min<std::size_t>(48, der.size() - off);
+    unsigned char b64[65];
+    const int len = EVP_EncodeBlock(b64, der.data() + off, static_cast<int>(n));
+    out.append(reinterpret_cast<const char*>(b64), static_cast<std::size_t>(len));
+    out += '\n';
+  }
+  absl::StrAppend(&out, "-----END ", label, "-----\n");
+  return out;
+}
+
+void FillKey(const std::vector<hsm::KeyVersionInfo>& versions, Key* key) {
+  if (versions.empty()) {
+    return;
+  }
+  const hsm::KeyVersionInfo& active = versions.back();
+  key->set_name(active.name);
+  key->set_type(ToProto(active.type));
+  key->set_bits(active.bits);
+  key->set_active_version(active.version);
+  for (const hsm::KeyVersionInfo& v : versions) {
+    KeyVersion* kv = key->add_versions();
+    kv->set_version(v.version);
+    kv->set_state(v.version == active.version ? custody::v1::KEY_STATE_ACTIVE
+                                              : custody::v1::KEY_STATE_RETIRED);
+    kv->set_public_key_der(v.public_key_der.data(), v.public_key_der.size());
+    kv->set_public_key_pem(DerToPem("PUBLIC KEY", v.public_key_der));
+    std::string chain_pem;
+    for (const auto& cert : v.certificate_chain) {
+      kv->add_certificate_chain_der(cert.data(), cert.size());
+      chain_pem += DerToPem("CERTIFICATE", cert);
+    }
+    kv->set_certificate_chain_pem(chain_pem);
+    for (hsm::SignatureScheme s : hsm::SchemesForKey(v.type)) {
+      kv->add_schemes(static_cast<custody::v1::SignatureScheme>(s));
+    }
+    kv->set_certificate_not_after(v.not_after);
+  }
+}
+
+grpc::Status KeyServiceImpl::Sign(grpc::ServerContext* context,
+                                  const custody::v1::SignRequest* request,
+                                  custody::v1::SignResponse* response) {
+  const absl::Time start = absl::Now();
+  const Caller caller = CallerOf(*context);
+  metrics_.SignStarted();
+  const auto scheme = hsm::FindScheme(static_cast<uint16_t>(request->scheme()));
+  AuditRecord record{caller.identity, caller.peer, "sign", request->key_name(),
+                     request->version(), scheme ? scheme->name : ""};
+
+  absl::StatusOr<hsm::SignResult> result = [&]() -> absl::StatusOr<hsm::SignResult> {
+    if (caller.identity.empty()) {
+      return absl::PermissionDeniedError("caller certificate has no common name");
+    }
+    if (request->key_name().empty()) {
+      return absl::InvalidArgumentError("key_name is required");
+    }
+    if (!policy_.MaySign(caller.identity, request->key_name())) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "identity '", caller.identity, "' may not sign with key '", request->key_name(), "'"));
+    }
+    if (!scheme) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown signature scheme ", static_cast<int>(request->scheme()),
+          " (use a TLS SignatureScheme code point, e.g. 0x0403 ecdsa_secp256r1_sha256)"));
+    }
+    const bool is_message = request->input_case() == custody::v1::SignRequest::kMessage;
+    const std::string& in = is_message ? request->message() : request->digest();
+    auto input = hsm::PrepareSignInput(
+        *scheme, is_message,
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
+        limits_.max_message_bytes);
+    if (!input.ok()) {
+      return input.status();
+    }
+    absl::Time deadline = start + limits_.sign_timeout;
+    const auto client_deadline = absl::FromChrono(context->deadline());
+    deadline = std::min(deadline, client_deadline);
+    return backend_.Sign(request->key_name(), request->version(), *input, deadline);
+  }();
+
+  const absl::Status status = result.status();
+  record.outcome = CodeName(status.code());
+  if (result.ok()) {
+    record.version = result->version;
+  } else {
+    record.detail = std::string(status.message());
+  }
+  record.latency_us = Micros(start);
+  absl::StatusOr<std::string> id = audit_.Append(record);
+  // Metric labels take the key name only for keys that exist: names sent by callers must not
+  // grow the label set without bound.
+  const bool known_key = status.code() != absl::StatusCode::kNotFound &&
+                         status.code() != absl::StatusCode::kPermissionDenied;
+  metrics_.RecordSign(known_key ? request->key_name() : "other", scheme ? scheme->name : "other",
+                      id.ok() ? record.outcome : "UNAVAILABLE", Seconds(start));
+  metrics_.SignFinished();
+  if (!id.ok()) {
+    // Never hand out a signature the audit log does not hold.
+    spdlog::error("audit: {}; signature withheld", id.status().message());
+    metrics_.RecordRequest("Sign", "UNAVAILABLE");
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "audit log unavailable");
+  }
+  metrics_.RecordRequest("Sign", record.outcome);
+  if (!result.ok()) {
+    spdlog::info("sign refused: request={} caller={} key={} code={} detail={}", *id,
+                 caller.identity, request->key_name(), record.outcome, status.message());
+    return ToGrpcStatus(status, *id);
+  }
+  response->set_signature(result->signature.data(), result->signature.size());
+  response->set_version(result->version);
+  response->set_request_id(*id);
+  return grpc::Status::OK;
+}
+
+grpc::Status KeyServiceImpl::Refuse(const Caller& caller, const std::string& action,
+                                    const std::string& key, const absl::Status& status,
+                                    absl::Time start) {
+  AuditRecord record{caller.identity, caller.peer, action, key};
+  record.outcome = CodeName(status.code());
+  record.detail = std::string(status.message());
+  record.latency_us = Micros(start);
+  const absl::StatusOr<std::string> id = audit_.Append(record);
+  metrics_.RecordRequest(action, record.outcome);
+  return ToGrpcStatus(status, id.ok() ? *id : "unaudited");
+}
+
+grpc::Status KeyServiceImpl::GetKey(grpc::ServerContext* context,
+                                    const custody::v1::GetKeyRequest* request,
+                                    custody::v1::Key* response) {
+  const absl::Time start = absl::Now();
+  const Caller caller = CallerOf(*context);
+  if (!policy_.MayRead(caller.identity, request->name())) {
+    return Refuse(caller, "get_key", request->name(),
+                  absl::PermissionDeniedError(absl::StrCat("identity '", caller.identity,
+                                                           "' may not read key '",
+                                                           request->name(), "'")),
+                  start);
+  }
+  auto keys = Grouped(backend_);
+  auto it = keys.find(request->name());
+  if (it == keys.end()) {
+    metrics_.RecordRequest("GetKey", "NOT_FOUND");
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("no key named '", request->name(), "'"));
+  }
+  FillKey(it->second, response);
+  metrics_.RecordRequest("GetKey", "OK");
+  return grpc::Status::OK;
+}
+
+grpc::Status KeyServiceImpl::ListKeys(grpc::ServerContext* context,
+                                      const custody::v1::ListKeysRequest* /*request*/,
+                                      custody::v1::ListKeysResponse* response) {
+  const absl::Time start = absl::Now();
+  const Caller caller = CallerOf(*context);
+  if (caller.identity.empty()) {
+    return Refuse(caller, "list_keys", "",
+                  absl::PermissionDeniedError("caller certificate has no common name"), start);
+  }
+  for (const auto& [name, versions] : Grouped(backend_)) {
+    if (policy_.MayRead(caller.identity, name)) {
+      FillKey(versions, response->add_keys());
+    }
+  }
+  metrics_.RecordRequest("ListKeys", "OK");
+  return grpc::Status::OK;
+}
+
+grpc::Status TestingServiceImpl::CloseAllSessions(
+    grpc::ServerContext* context, const custody::v1::CloseAllSessionsRequest* /*request*/,
+    custody::v1::CloseAllSessionsResponse* /*response*/) {
+  const absl::Time start = absl::Now();
+  const Caller caller = CallerOf(*context);
+  absl::Status status = policy_.IsAdmin(caller.identity)
+                            ? backend_.SimulateTokenReset()
+                            : absl::PermissionDeniedError(absl::StrCat(
+                                  "identity '", caller.identity, "' is not an admin"));
+  AuditRecord record{caller.identity, caller.peer, "test_hook_close_all_sessions"};
+  record.outcome = CodeName(status.code());
+  record.detail = std::string(status.message());
+  record.latency_us = Micros(start);
+  const absl::StatusOr<std::string> id = audit_.Append(record);
+  spdlog::warn("test hook: CloseAllSessions by {}: {}", caller.identity, status.ToString());
+  return ToGrpcStatus(status, id.ok() ? *id : "unaudited");
+}
+
+}  // namespace custody::keyservice

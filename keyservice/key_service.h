@@ -1,0 +1,88 @@
+// KeyServiceImpl serves custody.v1.KeyService over a KeyBackend: checks the caller against the
+// policy, validates input, signs, audits every signature and every refusal, and counts.
+// TestingServiceImpl serves the test hooks (only registered with --enable-test-hooks).
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "custody/v1/key_service.grpc.pb.h"
+#include "custody/v1/testing.grpc.pb.h"
+#include "hsm/key_backend.h"
+#include "keyservice/audit_log.h"
+#include "keyservice/metrics.h"
+#include "keyservice/policy.h"
+
+namespace custody::keyservice {
+
+// Caller is who made a call: the CN of its client certificate ("" if none) and its address.
+struct Caller {
+  std::string identity;
+  std::string peer;
+};
+
+// CallerOf reads the caller from a server context. Thread-safe.
+Caller CallerOf(const grpc::ServerContext& context);
+
+// ToGrpcStatus converts a status for a caller: the message of caller errors (bad input, not
+// found, denied) is returned; server-side failures are answered with a generic message that
+// carries `request_id`, while the details go to the log.
+grpc::Status ToGrpcStatus(const absl::Status& status, const std::string& request_id);
+
+struct ServiceLimits {
+  absl::Duration sign_timeout = absl::Seconds(2);
+  std::size_t max_message_bytes = 64 * 1024;
+};
+
+// KeyServiceImpl is thread-safe; it borrows everything it is given, which must outlive it.
+class KeyServiceImpl final : public custody::v1::KeyService::Service {
+ public:
+  KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
+                 KeydMetrics& metrics, ServiceLimits limits)
+      : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits) {}
+
+  grpc::Status Sign(grpc::ServerContext* context, const custody::v1::SignRequest* request,
+                    custody::v1::SignResponse* response) override;
+  grpc::Status GetKey(grpc::ServerContext* context, const custody::v1::GetKeyRequest* request,
+                      custody::v1::Key* response) override;
+  grpc::Status ListKeys(grpc::ServerContext* context,
+                        const custody::v1::ListKeysRequest* request,
+                        custody::v1::ListKeysResponse* response) override;
+
+ private:
+  // Refuse audits a refused read and answers it.
+  grpc::Status Refuse(const Caller& caller, const std::string& action, const std::string& key,
+                      const absl::Status& status, absl::Time start);
+
+  hsm::KeyBackend& backend_;
+  const Policy& policy_;
+  AuditLog& audit_;
+  KeydMetrics& metrics_;
+  const ServiceLimits limits_;
+};
+
+class TestingServiceImpl final : public custody::v1::KeyServiceTesting::Service {
+ public:
+  TestingServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit)
+      : backend_(backend), policy_(policy), audit_(audit) {}
+
+  grpc::Status CloseAllSessions(grpc::ServerContext* context,
+                                const custody::v1::CloseAllSessionsRequest* request,
+                                custody::v1::CloseAllSessionsResponse* response) override;
+
+ private:
+  hsm::KeyBackend& backend_;
+  const Policy& policy_;
+  AuditLog& audit_;
+};
+
+// FillKey builds the Key message for `name` from the backend's versions (lowest first).
+void FillKey(const std::vector<hsm::KeyVersionInfo>& versions, custody::v1::Key* key);
+
+// DerToPem wraps DER as PEM with `label` ("CERTIFICATE", "PUBLIC KEY").
+std::string DerToPem(const std::string& label, const std::vector<uint8_t>& der);
+
+}  // namespace custody::keyservice

@@ -1,0 +1,82 @@
+#include "keyservice/metrics.h"
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+
+namespace custody::keyservice {
+namespace {
+
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  // 50 us to about 3 s, doubling: an HSM signature is tens of microseconds to a few ms.
+  prometheus::Histogram::BucketBoundaries b;
+  for (double v = 50e-6; v < 4.0; v *= 2) {
+    b.push_back(v);
+  }
+  return b;
+}
+
+}  // namespace
+
+KeydMetrics::KeydMetrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      requests_(prometheus::BuildCounter()
+                    .Name("custody_keyd_requests_total")
+                    .Help("RPCs answered by the key service, by method and gRPC status code")
+                    .Register(*registry_)),
+      signatures_(prometheus::BuildCounter()
+                      .Name("custody_keyd_signatures_total")
+                      .Help("Sign calls by key, signature scheme and outcome")
+                      .Register(*registry_)),
+      sign_duration_(prometheus::BuildHistogram()
+                         .Name("custody_keyd_sign_duration_seconds")
+                         .Help("Time from a Sign call's arrival to its answer, for signatures "
+                               "made")
+                         .Register(*registry_)),
+      in_flight_(prometheus::BuildGauge()
+                     .Name("custody_keyd_signs_in_flight")
+                     .Help("Sign calls being served now")
+                     .Register(*registry_)
+                     .Add({})),
+      sessions_(prometheus::BuildGauge()
+                    .Name("custody_keyd_hsm_sessions")
+                    .Help("Size of the HSM session pool (signatures in flight at most)")
+                    .Register(*registry_)
+                    .Add({})),
+      not_after_(prometheus::BuildGauge()
+                     .Name("custody_keyd_certificate_not_after_seconds")
+                     .Help("notAfter of each key version's leaf certificate, Unix seconds")
+                     .Register(*registry_)) {}
+
+absl::StatusOr<uint16_t> KeydMetrics::Serve(const std::string& listen) {
+  try {
+    // prometheus-cpp (civetweb) reports a failed bind by exception; it stops here.
+    exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
+  } catch (const std::exception& e) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
+  }
+  exposer_->RegisterCollectable(registry_);
+  const auto ports = exposer_->GetListeningPorts();
+  return ports.empty() ? uint16_t{0} : static_cast<uint16_t>(ports.front());
+}
+
+void KeydMetrics::RecordRequest(const std::string& method, const std::string& code) {
+  requests_.Add({{"method", method}, {"code", code}}).Increment();
+}
+
+void KeydMetrics::RecordSign(const std::string& key, const std::string& scheme,
+                             const std::string& code, double seconds) {
+  signatures_.Add({{"key", key}, {"scheme", scheme}, {"code", code}}).Increment();
+  if (code == "OK") {
+    static const auto kBuckets = LatencyBuckets();
+    sign_duration_.Add({{"key", key}, {"scheme", scheme}}, kBuckets).Observe(seconds);
+  }
+}
+
+void KeydMetrics::SetCertificateNotAfter(const std::string& key, uint32_t version,
+                                         double unix_seconds) {
+  not_after_.Add({{"key", key}, {"version", absl::StrCat(version)}}).Set(unix_seconds);
+}
+
+}  // namespace custody::keyservice

@@ -1,0 +1,54 @@
+// KeydMetrics: the key service's Prometheus metrics. The names are a public contract (dashboards
+// and alerts depend on them): add, never rename.
+//
+//   custody_keyd_requests_total{method,code}            RPCs answered, by gRPC status code
+//   custody_keyd_signatures_total{key,scheme,code}      Sign calls, by key, scheme and outcome
+//   custody_keyd_sign_duration_seconds{key,scheme}      time from arrival to answer, signed OK
+//   custody_keyd_signs_in_flight                        Sign calls being served now
+//   custody_keyd_hsm_sessions                           size of the HSM session pool
+//   custody_keyd_certificate_not_after_seconds{key,version}  leaf certificate expiry
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace custody::keyservice {
+
+class KeydMetrics {
+ public:
+  KeydMetrics();
+
+  // Serve starts the /metrics endpoint on `listen` (host:port). Returns the bound port.
+  [[nodiscard]] absl::StatusOr<uint16_t> Serve(const std::string& listen);
+
+  // Record* are thread-safe.
+  void RecordRequest(const std::string& method, const std::string& code);
+  void RecordSign(const std::string& key, const std::string& scheme, const std::string& code,
+                  double seconds);
+  void SignStarted() { in_flight_.Increment(); }
+  void SignFinished() { in_flight_.Decrement(); }
+  void SetSessions(double n) { sessions_.Set(n); }
+  void SetCertificateNotAfter(const std::string& key, uint32_t version, double unix_seconds);
+
+  const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Counter>& signatures_;
+  prometheus::Family<prometheus::Histogram>& sign_duration_;
+  prometheus::Gauge& in_flight_;
+  prometheus::Gauge& sessions_;
+  prometheus::Family<prometheus::Gauge>& not_after_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace custody::keyservice

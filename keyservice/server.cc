@@ -1,0 +1,135 @@
+#include "keyservice/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "hsm/pkcs11_key_backend.h"
+#include "keyservice/audit_log.h"
+#include "keyservice/key_service.h"
+#include "keyservice/metrics.h"
+#include "keyservice/policy.h"
+
+namespace custody::keyservice {
+namespace {
+
+constexpr absl::Duration kDrainTimeout = absl::Seconds(5);
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const custody::v1::KeydTlsConfig& tls) {
+  CUSTODY_ASSIGN_OR_RETURN(std::string cert, ReadFile(tls.cert_file()));
+  CUSTODY_ASSIGN_OR_RETURN(std::string key, ReadSecretFile(tls.key_file()));
+  CUSTODY_ASSIGN_OR_RETURN(std::string ca, ReadFile(tls.client_ca_file()));
+  grpc::SslServerCredentialsOptions opts(
+      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  opts.pem_root_certs = std::move(ca);
+  opts.pem_key_cert_pairs.push_back({std::move(key), std::move(cert)});
+  return grpc::SslServerCredentials(opts);
+}
+
+void PublishCertificateExpiry(const hsm::KeyBackend& backend, KeydMetrics& metrics) {
+  for (const hsm::KeyVersionInfo& v : backend.ListKeys()) {
+    if (v.not_after != 0) {
+      metrics.SetCertificateNotAfter(v.name, v.version, static_cast<double>(v.not_after));
+    }
+  }
+}
+
+}  // namespace
+
+void BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& options) {
+  CUSTODY_ASSIGN_OR_RETURN(const Policy policy, Policy::Build(config.policy()));
+  CUSTODY_ASSIGN_OR_RETURN(std::string pin, ReadSecretFile(config.hsm().pin_file()));
+  hsm::Pkcs11Options hsm_options{config.hsm().module(), config.hsm().token_label(),
+                                 std::move(pin), config.hsm().sessions()};
+  CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Pkcs11KeyBackend> backend,
+                           hsm::Pkcs11KeyBackend::Open(hsm_options));
+  CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<AuditLog> audit, AuditLog::Open(config.audit().path()));
+  CUSTODY_ASSIGN_OR_RETURN(auto creds, ServerCredentials(config.tls()));
+
+  KeydMetrics metrics;
+  metrics.SetSessions(config.hsm().sessions());
+  PublishCertificateExpiry(*backend, metrics);
+  if (!config.metrics().listen().empty()) {
+    CUSTODY_ASSIGN_OR_RETURN(const uint16_t port, metrics.Serve(config.metrics().listen()));
+    spdlog::info("metrics: serving /metrics on {} (port {})", config.metrics().listen(), port);
+  }
+
+  ServiceLimits limits{absl::Milliseconds(config.limits().sign_timeout_ms()),
+                       config.limits().max_message_bytes()};
+  KeyServiceImpl key_service(*backend, policy, *audit, metrics, limits);
+  TestingServiceImpl testing_service(*backend, policy, *audit);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(config.listen(), creds, &port);
+  builder.RegisterService(&key_service);
+  if (options.enable_test_hooks) {
+    spdlog::warn("test hooks are ENABLED (custody.v1.KeyServiceTesting): never in production");
+    builder.RegisterService(&testing_service);
+  }
+  // Requests beyond the HSM pool wait for a session up to their deadline; the thread quota
+  // keeps a flood from growing threads without bound.
+  grpc::ResourceQuota quota("custody-keyd");
+  quota.SetMaxThreads(static_cast<int>(config.hsm().sessions()) * 2 + 16);
+  builder.SetResourceQuota(quota);
+  // Messages over the service's own limit are refused by the handler (and audited) up to this
+  // transport limit; bigger ones are refused by gRPC.
+  builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot listen on ", config.listen(), " (address in use or not local?)"));
+  }
+  server->GetHealthCheckService()->SetServingStatus("custody.v1.KeyService", true);
+  spdlog::info("custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
+               "audit log {}",
+               config.listen(), port, config.hsm().sessions(), config.audit().path());
+
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) {
+      continue;
+    }
+    if (sig == SIGHUP) {
+      spdlog::info("SIGHUP: reading the key inventory again");
+      if (absl::Status st = backend->Refresh(); !st.ok()) {
+        spdlog::error("inventory refresh failed, keeping the old one: {}", st.ToString());
+      }
+      PublishCertificateExpiry(*backend, metrics);
+      continue;
+    }
+    spdlog::info("signal {}: draining (up to {})", sig, absl::FormatDuration(kDrainTimeout));
+    break;
+  }
+  server->GetHealthCheckService()->Shutdown();
+  server->Shutdown(absl::ToChronoTime(absl::Now() + kDrainTimeout));
+  server->Wait();
+  spdlog::info("custody-keyd: stopped");
+  return absl::OkStatus();
+}
+
+}  // namespace custody::keyservice
