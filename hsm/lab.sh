@@ -580,9 +580,9 @@ limits:
   sign_timeout_ms: 2000
   max_message_bytes: 65536
 policy:
+  # The proxy signs handshakes with the served keys only: never with the CA key (lab-ca).
   - identity: "proxy"
-    sign: ["lab-*"]
-    read: ["lab-*"]
+    sign: ["lab-ec256", "lab-ec384", "lab-rsa2048", "lab-ed25519"]
   - identity: "admin"
     read: ["*"]
     admin: true
