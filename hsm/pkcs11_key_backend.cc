@@ -349,8 +349,11 @@ absl::StatusOr<KeyObjectAttributes> Pkcs11KeyBackend::ReadKeyAttributes(const st
                                                            CKA_ALWAYS_SENSITIVE));
   CUSTODY_ASSIGN_OR_RETURN(attrs.never_extractable, GetBool(fn, lease.get(), entry.private_key,
                                                             CKA_NEVER_EXTRACTABLE));
+  // The private value: CKA_VALUE for EC and EdDSA keys, the private exponent for RSA.
+  const CK_ATTRIBUTE_TYPE secret =
+      entry.info.type == KeyType::kRsa ? CKA_PRIVATE_EXPONENT : CKA_VALUE;
   std::vector<uint8_t> value;
-  attrs.value_read_rv = GetAttributeRv(fn, lease.get(), entry.private_key, CKA_VALUE, &value);
+  attrs.value_read_rv = GetAttributeRv(fn, lease.get(), entry.private_key, secret, &value);
   return attrs;
 }
 

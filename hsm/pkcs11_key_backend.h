@@ -29,7 +29,8 @@ struct KeyObjectAttributes {
   bool extractable = true;
   bool always_sensitive = false;
   bool never_extractable = false;
-  // The CK_RV of reading CKA_VALUE (CKR_ATTRIBUTE_SENSITIVE for a protected key).
+  // The CK_RV of reading the private value (CKA_VALUE, or CKA_PRIVATE_EXPONENT for RSA):
+  // CKR_ATTRIBUTE_SENSITIVE for a protected key.
   CK_RV value_read_rv = CKR_OK;
 };
 

@@ -7,11 +7,14 @@
 namespace custody::hsm {
 
 SessionPool::Lease::Lease(Lease&& other) noexcept
-    : pool_(std::exchange(other.pool_, nullptr)), handle_(other.handle_), lost_(other.lost_) {}
+    : pool_(std::exchange(other.pool_, nullptr)),
+      handle_(other.handle_),
+      generation_(other.generation_),
+      lost_(other.lost_) {}
 
 SessionPool::Lease::~Lease() {
   if (pool_ != nullptr) {
-    pool_->Release(handle_, lost_);
+    pool_->Release(handle_, generation_, lost_);
   }
 }
 
@@ -21,10 +24,19 @@ SessionPool::SessionPool(std::shared_ptr<Pkcs11Module> module, CK_SLOT_ID slot, 
 
 SessionPool::~SessionPool() {
   absl::MutexLock lock(&mu_);
-  for (CK_SESSION_HANDLE h : idle_) {
+  for (CK_SESSION_HANDLE h : DropIdleLocked()) {
     module_->fn()->C_CloseSession(h);
   }
+}
+
+std::vector<CK_SESSION_HANDLE> SessionPool::DropIdleLocked() {
+  std::vector<CK_SESSION_HANDLE> out;
+  for (const Idle& i : idle_) {
+    out.push_back(i.handle);
+  }
+  open_ -= idle_.size();
   idle_.clear();
+  return out;
 }
 
 std::size_t SessionPool::in_use() const {
@@ -33,6 +45,7 @@ std::size_t SessionPool::in_use() const {
 }
 
 absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
+  uint64_t generation = 0;
   {
     absl::MutexLock lock(&mu_);
     auto can_proceed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
@@ -42,11 +55,12 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
       return absl::DeadlineExceededError("every HSM session stayed busy until the deadline");
     }
     if (!idle_.empty()) {
-      const CK_SESSION_HANDLE h = idle_.back();
+      const Idle i = idle_.back();
       idle_.pop_back();
-      return Lease(this, h);
+      return Lease(this, i.handle, i.generation);
     }
     ++open_;  // Reserve the place while opening outside the lock.
+    generation = generation_;
   }
   absl::StatusOr<CK_SESSION_HANDLE> h = OpenLoggedIn();
   if (!h.ok()) {
@@ -54,7 +68,7 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
     --open_;
     return h.status();
   }
-  return Lease(this, *h);
+  return Lease(this, *h, generation);
 }
 
 absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn() {
@@ -75,29 +89,33 @@ absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn() {
   return h;
 }
 
-void SessionPool::Release(CK_SESSION_HANDLE handle, bool lost) {
+void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, bool lost) {
   std::vector<CK_SESSION_HANDLE> to_close;
   {
     absl::MutexLock lock(&mu_);
-    if (!lost) {
-      idle_.push_back(handle);
+    if (!lost && generation == generation_) {
+      idle_.push_back({handle, generation});
       return;
     }
-    to_close.swap(idle_);
+    --open_;
     to_close.push_back(handle);
-    open_ -= to_close.size();
+    if (lost && generation == generation_) {
+      ++generation_;
+      std::vector<CK_SESSION_HANDLE> idle = DropIdleLocked();
+      to_close.insert(to_close.end(), idle.begin(), idle.end());
+      spdlog::warn("hsm: session lost; closing {} session(s); the next use opens and logs in anew",
+                   to_close.size());
+    }
   }
-  spdlog::warn("hsm: session lost; closing {} session(s), the next use opens and logs in anew",
-               to_close.size());
   for (CK_SESSION_HANDLE h : to_close) {
-    module_->fn()->C_CloseSession(h);  // Already invalid, most likely; nothing to do on error.
+    module_->fn()->C_CloseSession(h);  // Most likely invalid already; nothing to do on error.
   }
 }
 
 absl::Status SessionPool::CloseAllSessions() {
   absl::MutexLock lock(&mu_);
-  open_ -= idle_.size();
-  idle_.clear();
+  ++generation_;
+  (void)DropIdleLocked();  // C_CloseAllSessions closes them.
   return RvToStatus(module_->fn()->C_CloseAllSessions(slot_), "C_CloseAllSessions");
 }
 

@@ -27,15 +27,17 @@ class SessionPool {
     ~Lease();
     CK_SESSION_HANDLE get() const { return handle_; }
     // MarkLost says the session (or the token's login) is gone: on release it is closed rather
-    // than reused, and the idle sessions opened before it are discarded too, since a lost
-    // session usually means the token was reset.
+    // than reused, and so is every session opened before it (idle now or returned later),
+    // since a lost session usually means the token was reset.
     void MarkLost() { lost_ = true; }
 
    private:
     friend class SessionPool;
-    Lease(SessionPool* pool, CK_SESSION_HANDLE handle) : pool_(pool), handle_(handle) {}
+    Lease(SessionPool* pool, CK_SESSION_HANDLE handle, uint64_t generation)
+        : pool_(pool), handle_(handle), generation_(generation) {}
     SessionPool* pool_;
     CK_SESSION_HANDLE handle_;
+    uint64_t generation_;
     bool lost_ = false;
   };
 
@@ -64,8 +66,14 @@ class SessionPool {
   CK_SLOT_ID slot() const { return slot_; }
 
  private:
+  struct Idle {
+    CK_SESSION_HANDLE handle;
+    uint64_t generation;
+  };
   absl::StatusOr<CK_SESSION_HANDLE> OpenLoggedIn();
-  void Release(CK_SESSION_HANDLE handle, bool lost);
+  void Release(CK_SESSION_HANDLE handle, uint64_t generation, bool lost);
+  // DropIdleLocked forgets every idle session and returns their handles for closing.
+  std::vector<CK_SESSION_HANDLE> DropIdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::shared_ptr<Pkcs11Module> module_;
   const CK_SLOT_ID slot_;
@@ -73,8 +81,10 @@ class SessionPool {
   const std::size_t size_;
 
   mutable absl::Mutex mu_;
-  std::vector<CK_SESSION_HANDLE> idle_ ABSL_GUARDED_BY(mu_);
+  std::vector<Idle> idle_ ABSL_GUARDED_BY(mu_);
   std::size_t open_ ABSL_GUARDED_BY(mu_) = 0;  // Idle plus lent out.
+  // Sessions opened before the latest loss belong to an older generation and are not reused.
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace custody::hsm

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# ci/sanitize.sh [asan|tsan]: build with AddressSanitizer+UBSan (default) or ThreadSanitizer in
+# build-asan/ or build-tsan/, and run the test suite there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:-asan}
+ci/setup.sh
+case "$kind" in
+  asan) ci/build.sh build-asan -DCUSTODY_SANITIZE=ON -DCUSTODY_BUILD_BENCH=OFF ;;
+  tsan) ci/build.sh build-tsan -DCUSTODY_TSAN=ON -DCUSTODY_BUILD_BENCH=OFF ;;
+  *) echo "usage: ci/sanitize.sh [asan|tsan]" >&2; exit 2 ;;
+esac
+cd "build-$kind"
+ctest --output-on-failure --timeout 900 -j 2

@@ -1,0 +1,392 @@
+// custody-keyd as a real process over a fresh SoftHSM2 lab, driven by gRPC clients with the
+// lab's identities: concurrency with exactly-once auditing, access control, bad input, a token
+// that drops its sessions, and a graceful stop.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "common/files.h"
+#include "custody/v1/key_service.grpc.pb.h"
+#include "custody/v1/testing.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "keyservice/audit_log.h"
+#include "keyservice/client.h"
+#include "keyservice/config.h"
+#include "tests/support/keyd_process.h"
+#include "tests/support/lab.h"
+#include "tests/support/verify.h"
+
+namespace custody {
+namespace {
+
+using custody::v1::KeyService;
+using custody::v1::SignRequest;
+using custody::v1::SignResponse;
+
+class KeydTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto lab = testing::Lab::Create();
+    ASSERT_TRUE(lab.ok()) << lab.status();
+    lab_ = std::move(*lab).release();
+    // The lab's config, with one more name the proxy may sign with but that does not exist,
+    // so NOT_FOUND can be told apart from PERMISSION_DENIED.
+    auto config = ReadFile(lab_->Env("CUSTODY_KEYD_CONFIG"));
+    ASSERT_TRUE(config.ok());
+    const std::string patched = absl::StrReplaceAll(
+        *config, {{"\"lab-ed25519\"]", "\"lab-ed25519\", \"missing-*\"]"}});
+    ASSERT_NE(patched, *config) << "lab keyd.yaml changed shape; update this test";
+    config_path_ = lab_->Path("keyd-test.yaml");
+    testing::WriteFile(config_path_, patched);
+    auto keyd = testing::KeydProcess::Start({"--config", config_path_, "--enable-test-hooks"},
+                                            lab_->Path("keyd.log"));
+    ASSERT_TRUE(keyd.ok()) << keyd.status();
+    keyd_ = std::move(*keyd).release();
+  }
+  static void TearDownTestSuite() {
+    delete keyd_;
+    keyd_ = nullptr;
+    delete lab_;
+    lab_ = nullptr;
+  }
+
+  void SetUp() override {
+    ASSERT_NE(keyd_, nullptr);
+    ASSERT_NE(lab_, nullptr);
+  }
+
+  static std::shared_ptr<grpc::Channel> Channel(const std::string& identity) {
+    auto settings = keyservice::SettingsForIdentity({}, identity);
+    EXPECT_TRUE(settings.ok()) << settings.status();
+    auto channel = keyservice::MakeChannel(*settings);
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    return *channel;
+  }
+
+  static std::unique_ptr<KeyService::Stub> Stub(const std::string& identity) {
+    return KeyService::NewStub(Channel(identity));
+  }
+
+  static grpc::Status Sign(KeyService::Stub& stub, const SignRequest& req, SignResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return stub.Sign(&ctx, req, resp);
+  }
+
+  static SignRequest MessageRequest(const std::string& key, v1::SignatureScheme scheme,
+                                    const std::string& message) {
+    SignRequest req;
+    req.set_key_name(key);
+    req.set_scheme(scheme);
+    req.set_message(message);
+    return req;
+  }
+
+  static std::string Spki(const std::string& key) {
+    return testing::CertificatePublicKey(lab_->Path("certs/" + key + ".crt"));
+  }
+
+  // AuditLines returns the audit log's records.
+  static std::vector<std::string> AuditLines() {
+    auto content = ReadFile(lab_->Env("CUSTODY_AUDIT_LOG"));
+    EXPECT_TRUE(content.ok());
+    std::vector<std::string> lines = absl::StrSplit(*content, '\n', absl::SkipEmpty());
+    return lines;
+  }
+
+  static bool Serving() {
+    return testing::WaitForHealthy("proxy", absl::Seconds(5)).ok();
+  }
+
+  static testing::Lab* lab_;
+  static testing::KeydProcess* keyd_;
+  static std::string config_path_;
+};
+testing::Lab* KeydTest::lab_ = nullptr;
+testing::KeydProcess* KeydTest::keyd_ = nullptr;
+std::string KeydTest::config_path_;
+
+TEST_F(KeydTest, EveryKeyAndSchemeSignsAndVerifiesAgainstItsCertificate) {
+  auto stub = Stub("proxy");
+  const std::map<std::string, std::vector<v1::SignatureScheme>> cases = {
+      {"lab-ec256", {v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256}},
+      {"lab-ec384", {v1::SIGNATURE_SCHEME_ECDSA_SECP384R1_SHA384}},
+      {"lab-rsa2048",
+       {v1::SIGNATURE_SCHEME_RSA_PSS_RSAE_SHA256, v1::SIGNATURE_SCHEME_RSA_PSS_RSAE_SHA384,
+        v1::SIGNATURE_SCHEME_RSA_PSS_RSAE_SHA512, v1::SIGNATURE_SCHEME_RSA_PKCS1_SHA256,
+        v1::SIGNATURE_SCHEME_RSA_PKCS1_SHA384, v1::SIGNATURE_SCHEME_RSA_PKCS1_SHA512}},
+      {"lab-ed25519", {v1::SIGNATURE_SCHEME_ED25519}},
+  };
+  for (const auto& [key, schemes] : cases) {
+    for (v1::SignatureScheme scheme : schemes) {
+      SCOPED_TRACE(key + " " + v1::SignatureScheme_Name(scheme));
+      SignResponse resp;
+      const std::string message = "TLS 1.3, server CertificateVerify " + key;
+      grpc::Status st = Sign(*stub, MessageRequest(key, scheme, message), &resp);
+      ASSERT_TRUE(st.ok()) << st.error_message();
+      EXPECT_EQ(resp.version(), 1u);
+      EXPECT_FALSE(resp.request_id().empty());
+      EXPECT_TRUE(testing::VerifyMessageSignature(Spki(key),
+                                                  static_cast<hsm::SignatureScheme>(scheme),
+                                                  message, resp.signature()));
+    }
+  }
+}
+
+TEST_F(KeydTest, ConcurrentSignaturesAllVerifyAndEachIsAuditedExactlyOnce) {
+  constexpr int kThreads = 16;
+  constexpr int kPerThread = 500;
+  const std::string spki = Spki("lab-ec256");
+  const std::size_t lines_before = AuditLines().size();
+  std::vector<std::vector<std::string>> ids(kThreads);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      auto stub = Stub("proxy");  // One channel per thread: 16 concurrent connections.
+      for (int i = 0; i < kPerThread; ++i) {
+        const std::string message = absl::StrCat("thread ", t, " signature ", i);
+        SignResponse resp;
+        grpc::Status st = Sign(
+            *stub,
+            MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, message),
+            &resp);
+        if (!st.ok() || !testing::VerifyMessageSignature(
+                            spki, hsm::SignatureScheme::kEcdsaSecp256r1Sha256, message,
+                            resp.signature())) {
+          failures++;
+          continue;
+        }
+        ids[t].push_back(resp.request_id());
+      }
+    });
+  }
+  for (auto& th : threads) {
+    th.join();
+  }
+  ASSERT_EQ(failures.load(), 0);
+
+  std::map<std::string, int> seen;
+  const std::vector<std::string> lines = AuditLines();
+  for (std::size_t i = lines_before; i < lines.size(); ++i) {
+    const std::string& line = lines[i];
+    const auto pos = line.find("\"id\":\"");
+    ASSERT_NE(pos, std::string::npos) << line;
+    const auto end = line.find('"', pos + 6);
+    seen[line.substr(pos + 6, end - pos - 6)]++;
+  }
+  int total = 0;
+  for (const auto& per_thread : ids) {
+    for (const std::string& id : per_thread) {
+      ASSERT_EQ(seen[id], 1) << "request " << id << " audited " << seen[id] << " times";
+      ++total;
+    }
+  }
+  EXPECT_EQ(total, kThreads * kPerThread);
+  EXPECT_EQ(lines.size() - lines_before, static_cast<std::size_t>(kThreads * kPerThread));
+}
+
+TEST_F(KeydTest, CallerWithoutClientCertificateCannotConnect) {
+  grpc::SslCredentialsOptions opts;
+  opts.pem_root_certs = *ReadFile(lab_->Env("CUSTODY_CA"));
+  auto channel = grpc::CreateChannel(lab_->Env("CUSTODY_KEYD_ADDR"), grpc::SslCredentials(opts));
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::Status st = stub->Check(&ctx, {}, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_TRUE(Serving());
+}
+
+TEST_F(KeydTest, IntruderIsDeniedAndTheRefusalIsAudited) {
+  auto stub = Stub("intruder");
+  SignResponse resp;
+  grpc::Status st =
+      Sign(*stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+           &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(resp.signature().empty());
+  const std::string last = AuditLines().back();
+  EXPECT_NE(last.find("\"caller\":\"intruder\""), std::string::npos) << last;
+  EXPECT_NE(last.find("\"outcome\":\"PERMISSION_DENIED\""), std::string::npos) << last;
+
+  grpc::ClientContext ctx;
+  v1::GetKeyRequest get;
+  get.set_name("lab-ec256");
+  v1::Key key;
+  EXPECT_EQ(stub->GetKey(&ctx, get, &key).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  grpc::ClientContext list_ctx;
+  v1::ListKeysResponse list;
+  ASSERT_TRUE(stub->ListKeys(&list_ctx, {}, &list).ok());
+  EXPECT_EQ(list.keys_size(), 0);
+}
+
+TEST_F(KeydTest, ProxyMayNotSignWithTheCaKey) {
+  auto stub = Stub("proxy");
+  SignResponse resp;
+  grpc::Status st =
+      Sign(*stub, MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+           &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+TEST_F(KeydTest, BadInputGetsAClearErrorAndTheServerKeepsServing) {
+  auto stub = Stub("proxy");
+  struct Case {
+    std::string name;
+    SignRequest req;
+    grpc::StatusCode want;
+    std::string message_has;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"unknown key",
+                   MessageRequest("missing-key", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+                   grpc::StatusCode::NOT_FOUND, "missing-key"});
+  {
+    SignRequest r = MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m");
+    r.set_version(7);
+    cases.push_back({"unknown version", r, grpc::StatusCode::NOT_FOUND, "version 7"});
+  }
+  {
+    SignRequest r;
+    r.set_key_name("lab-ec256");
+    r.set_scheme(v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256);
+    r.set_digest(std::string(31, 'd'));
+    cases.push_back({"short digest", r, grpc::StatusCode::INVALID_ARGUMENT, "31 bytes"});
+    r.set_digest(std::string(48, 'd'));
+    cases.push_back({"long digest", r, grpc::StatusCode::INVALID_ARGUMENT, "48 bytes"});
+  }
+  cases.push_back({"scheme not matching key",
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_RSA_PSS_RSAE_SHA256, "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "does not suit"});
+  cases.push_back({"ed25519 scheme on rsa key",
+                   MessageRequest("lab-rsa2048", v1::SIGNATURE_SCHEME_ED25519, "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "does not suit"});
+  {
+    SignRequest r;
+    r.set_key_name("lab-ed25519");
+    r.set_scheme(v1::SIGNATURE_SCHEME_ED25519);
+    r.set_digest(std::string(32, 'd'));
+    cases.push_back({"digest for ed25519", r, grpc::StatusCode::INVALID_ARGUMENT, "message"});
+  }
+  cases.push_back({"unknown scheme",
+                   MessageRequest("lab-ec256", static_cast<v1::SignatureScheme>(0x0999), "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "scheme"});
+  cases.push_back({"empty message",
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, ""),
+                   grpc::StatusCode::INVALID_ARGUMENT, "empty"});
+  {
+    SignRequest r;
+    r.set_key_name("lab-ec256");
+    r.set_scheme(v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256);
+    cases.push_back({"no input", r, grpc::StatusCode::INVALID_ARGUMENT, "empty"});
+  }
+  cases.push_back({"message over the limit",
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256,
+                                  std::string(keyservice::kDefaultMaxMessageBytes + 1, 'x')),
+                   grpc::StatusCode::INVALID_ARGUMENT, "over the limit"});
+  cases.push_back({"message over the transport limit",
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256,
+                                  std::string(5 << 20, 'x')),
+                   grpc::StatusCode::RESOURCE_EXHAUSTED, ""});
+  cases.push_back({"no key name",
+                   MessageRequest("", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    SignResponse resp;
+    grpc::Status st = Sign(*stub, c.req, &resp);
+    EXPECT_EQ(st.error_code(), c.want) << st.error_message();
+    EXPECT_NE(st.error_message().find(c.message_has), std::string::npos) << st.error_message();
+    EXPECT_TRUE(resp.signature().empty());
+  }
+  // A message exactly at the limit is fine.
+  SignResponse resp;
+  EXPECT_TRUE(Sign(*stub,
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256,
+                                  std::string(keyservice::kDefaultMaxMessageBytes, 'x')),
+                   &resp)
+                  .ok());
+  EXPECT_TRUE(Serving());
+}
+
+TEST_F(KeydTest, RandomBytesToThePortCloseOnlyThatConnection) {
+  auto addr = keyservice::ParseHostPort(lab_->Env("CUSTODY_KEYD_ADDR"));
+  ASSERT_TRUE(addr.ok());
+  std::mt19937 rng(1234);
+  for (int round = 0; round < 20; ++round) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(addr->port);
+    ::inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+    std::string junk(1 + rng() % 16384, '\0');
+    for (char& ch : junk) {
+      ch = static_cast<char>(rng());
+    }
+    if (round % 4 == 0) {
+      junk[0] = 0x16;  // Looks like a TLS handshake record, then nonsense.
+      junk[1] = 0x03;
+    }
+    (void)!::send(fd, junk.data(), junk.size(), MSG_NOSIGNAL);
+    ::close(fd);
+  }
+  ASSERT_TRUE(Serving());
+  auto stub = Stub("proxy");
+  SignResponse resp;
+  EXPECT_TRUE(
+      Sign(*stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+           &resp)
+          .ok());
+}
+
+TEST_F(KeydTest, NextSignatureSucceedsAfterTheTokenDropsEverySession) {
+  auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
+  auto stub = Stub("proxy");
+  for (int round = 0; round < 3; ++round) {
+    SCOPED_TRACE(round);
+    grpc::ClientContext ctx;
+    v1::CloseAllSessionsResponse out;
+    ASSERT_TRUE(admin->CloseAllSessions(&ctx, {}, &out).ok());
+    SignResponse resp;
+    grpc::Status st = Sign(
+        *stub, MessageRequest("lab-rsa2048", v1::SIGNATURE_SCHEME_RSA_PSS_RSAE_SHA256, "after"),
+        &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_TRUE(testing::VerifyMessageSignature(
+        Spki("lab-rsa2048"), hsm::SignatureScheme::kRsaPssRsaeSha256, "after", resp.signature()));
+  }
+  // Only admins may pull that lever.
+  auto proxy_testing = v1::KeyServiceTesting::NewStub(Channel("proxy"));
+  grpc::ClientContext ctx;
+  v1::CloseAllSessionsResponse out;
+  EXPECT_EQ(proxy_testing->CloseAllSessions(&ctx, {}, &out).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+}
+
+// Defined last, so it runs last: it stops the shared key service.
+TEST_F(KeydTest, SigtermStopsGracefullyAndTheAuditLogVerifies) {
+  EXPECT_EQ(keyd_->Stop(), 0);
+  EXPECT_NE(keyd_->Log().find("custody-keyd: stopped"), std::string::npos) << keyd_->Log();
+  auto summary = keyservice::VerifyAuditLog(lab_->Env("CUSTODY_AUDIT_LOG"));
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_GT(summary->records, 8000u);
+}
+
+}  // namespace
+}  // namespace custody
