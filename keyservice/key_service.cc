@@ -127,9 +127,9 @@ void FillKey(const std::vector<hsm::KeyVersionInfo>& versions, Key* key) {
   }
 }
 
-grpc::Status KeyServiceImpl::Sign(grpc::ServerContext* context,
-                                  const custody::v1::SignRequest* request,
-                                  custody::v1::SignResponse* response) {
+grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
+                                        const custody::v1::SignRequest* request,
+                                        custody::v1::SignResponse* response) {
   const absl::Time start = absl::Now();
   const Caller caller = CallerOf(*context);
   metrics_.SignStarted();

@@ -38,14 +38,18 @@ struct ServiceLimits {
 };
 
 // KeyServiceImpl is thread-safe; it borrows everything it is given, which must outlive it.
-class KeyServiceImpl final : public custody::v1::KeyService::Service {
+// Sign is served asynchronously (by SignWorkers, which call HandleSign on their own threads, so
+// a signature never waits for a thread hop); GetKey and ListKeys by gRPC's sync thread pool.
+class KeyServiceImpl final
+    : public custody::v1::KeyService::WithAsyncMethod_Sign<custody::v1::KeyService::Service> {
  public:
   KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
                  KeydMetrics& metrics, ServiceLimits limits)
       : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits) {}
 
-  grpc::Status Sign(grpc::ServerContext* context, const custody::v1::SignRequest* request,
-                    custody::v1::SignResponse* response) override;
+  // HandleSign serves one Sign call: policy, input checks, the HSM, the audit record.
+  grpc::Status HandleSign(grpc::ServerContext* context, const custody::v1::SignRequest* request,
+                          custody::v1::SignResponse* response);
   grpc::Status GetKey(grpc::ServerContext* context, const custody::v1::GetKeyRequest* request,
                       custody::v1::Key* response) override;
   grpc::Status ListKeys(grpc::ServerContext* context,

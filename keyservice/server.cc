@@ -16,6 +16,7 @@
 #include "keyservice/key_service.h"
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
+#include "keyservice/sign_workers.h"
 
 namespace custody::keyservice {
 namespace {
@@ -86,10 +87,16 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
     spdlog::warn("test hooks are ENABLED (custody.v1.KeyServiceTesting): never in production");
     builder.RegisterService(&testing_service);
   }
-  // Requests beyond the HSM pool wait for a session up to their deadline; the thread quota
-  // keeps a flood from growing threads without bound.
+  // Sign calls are served by one worker per HSM session (see SignWorkers); the sync pool
+  // (GetKey, ListKeys, health) is kept small and steady, since thread churn costs latency.
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> sign_queues;
+  for (uint32_t i = 0; i < config.hsm().sessions(); ++i) {
+    sign_queues.push_back(builder.AddCompletionQueue());
+  }
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 2);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 4);
   grpc::ResourceQuota quota("custody-keyd");
-  quota.SetMaxThreads(static_cast<int>(config.hsm().sessions()) * 2 + 16);
+  quota.SetMaxThreads(static_cast<int>(config.hsm().sessions()) + 32);
   builder.SetResourceQuota(quota);
   // Messages over the service's own limit are refused by the handler (and audited) up to this
   // transport limit; bigger ones are refused by gRPC.
@@ -99,6 +106,8 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
     return absl::FailedPreconditionError(
         absl::StrCat("cannot listen on ", config.listen(), " (address in use or not local?)"));
   }
+  SignWorkers sign_workers(key_service, std::move(sign_queues));
+  sign_workers.Start();
   server->GetHealthCheckService()->SetServingStatus("custody.v1.KeyService", true);
   spdlog::info("custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
                "audit log {}",
@@ -127,6 +136,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   }
   server->GetHealthCheckService()->Shutdown();
   server->Shutdown(absl::ToChronoTime(absl::Now() + kDrainTimeout));
+  sign_workers.Stop();
   server->Wait();
   spdlog::info("custody-keyd: stopped");
   return absl::OkStatus();

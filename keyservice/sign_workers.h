@@ -1,0 +1,41 @@
+// SignWorkers: the Sign RPC's threads. Each worker polls its own completion queue and signs
+// inline, so the thread that reads a request off the socket is the one that calls the HSM and
+// writes the answer: no hand-off between threads on the signing path. The number of workers is
+// the number of HSM sessions, which bounds the signatures in flight; further calls wait in gRPC
+// until a worker is free or their deadline passes.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "keyservice/key_service.h"
+
+namespace custody::keyservice {
+
+class SignWorkers {
+ public:
+  // SignWorkers serves `service`'s Sign calls on one thread per queue in `queues` (obtained
+  // from ServerBuilder::AddCompletionQueue before the server was built).
+  SignWorkers(KeyServiceImpl& service,
+              std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues);
+  ~SignWorkers();
+  SignWorkers(const SignWorkers&) = delete;
+  SignWorkers& operator=(const SignWorkers&) = delete;
+
+  // Start starts the threads. Call after the server is built and started.
+  void Start();
+  // Stop shuts the queues down and joins the threads. Call after grpc::Server::Shutdown.
+  void Stop();
+
+ private:
+  void Run(grpc::ServerCompletionQueue* queue);
+
+  KeyServiceImpl& service_;
+  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace custody::keyservice
