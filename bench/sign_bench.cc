@@ -64,6 +64,19 @@ void Report(const Options& o, Result& r) {
       r.seconds, r.seconds > 0 ? r.ops / r.seconds : 0.0, pct(0.50), pct(0.99));
 }
 
+// MeasureWindow lets the load warm up, then opens `measuring` for the measured time, then asks
+// the load to stop; returns the measured seconds.
+double MeasureWindow(const Options& o, std::atomic<bool>& measuring, std::atomic<bool>& stop) {
+  std::this_thread::sleep_for(std::chrono::duration<double>(o.warmup_seconds));
+  measuring = true;
+  const auto start = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
+  measuring = false;
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  stop = true;
+  return seconds;
+}
+
 // Direct: `concurrency` threads, each with its own logged-in session, signing in a loop.
 int RunDirect(const Options& o, const custody::hsm::SchemeInfo& scheme,
               const std::vector<uint8_t>& digest) {
@@ -131,13 +144,7 @@ int RunDirect(const Options& o, const custody::hsm::SchemeInfo& scheme,
                                 mine.latencies_us.end());
     });
   }
-  std::this_thread::sleep_for(std::chrono::duration<double>(o.warmup_seconds));
-  measuring = true;
-  const auto start = Clock::now();
-  std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
-  measuring = false;
-  total.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  stop = true;
+  total.seconds = MeasureWindow(o, measuring, stop);
   for (auto& th : threads) {
     th.join();
   }
@@ -220,13 +227,7 @@ int RunKeyd(const Options& o, const custody::hsm::SchemeInfo& scheme,
   for (int i = 0; i < o.concurrency; ++i) {
     issue();
   }
-  std::this_thread::sleep_for(std::chrono::duration<double>(o.warmup_seconds));
-  measuring = true;
-  const auto start = Clock::now();
-  std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
-  measuring = false;
-  total.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  stop = true;
+  total.seconds = MeasureWindow(o, measuring, stop);
   std::unique_lock<std::mutex> lock(mu);
   done_cv.wait(lock, [&] { return outstanding == 0; });
   Report(o, total);

@@ -81,6 +81,17 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const Globals& g) {
   return custody::keyservice::MakeChannel(*settings);
 }
 
+// WithChannel connects and runs `body` with the channel; a local problem (missing settings,
+// unreadable files) exits 2.
+template <typename Body>
+int WithChannel(const Globals& g, Body body) {
+  auto channel = Connect(g);
+  if (!channel.ok()) {
+    return Fail(std::string(channel.status().message()));
+  }
+  return body(*channel);
+}
+
 std::string SchemeName(int code) {
   auto s = custody::hsm::FindScheme(static_cast<uint16_t>(code));
   return s ? s->name : absl::StrCat(code);
@@ -111,12 +122,8 @@ void PrintKeyText(const custody::v1::Key& key, bool full) {
   }
 }
 
-int KeysList(const Globals& g) {
-  auto channel = Connect(g);
-  if (!channel.ok()) {
-    return Fail(std::string(channel.status().message()));
-  }
-  auto stub = custody::v1::KeyService::NewStub(*channel);
+int KeysList(const Globals& g, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = custody::v1::KeyService::NewStub(channel);
   custody::v1::ListKeysResponse resp;
   auto ctx = Context(g);
   grpc::Status st = stub->ListKeys(ctx.get(), {}, &resp);
@@ -133,12 +140,9 @@ int KeysList(const Globals& g) {
   return 0;
 }
 
-int KeysShow(const Globals& g, const std::string& name) {
-  auto channel = Connect(g);
-  if (!channel.ok()) {
-    return Fail(std::string(channel.status().message()));
-  }
-  auto stub = custody::v1::KeyService::NewStub(*channel);
+int KeysShow(const Globals& g, const std::shared_ptr<grpc::Channel>& channel,
+             const std::string& name) {
+  auto stub = custody::v1::KeyService::NewStub(channel);
   custody::v1::GetKeyRequest req;
   req.set_name(name);
   custody::v1::Key key;
@@ -194,14 +198,16 @@ int Sign(const Globals& g, const SignArgs& a) {
     }
     req.set_digest(digest->data(), digest->size());
   }
-  auto channel = Connect(g);
-  if (!channel.ok()) {
-    return Fail(std::string(channel.status().message()));
-  }
-  auto stub = custody::v1::KeyService::NewStub(*channel);
   custody::v1::SignResponse resp;
-  auto ctx = Context(g);
-  grpc::Status st = stub->Sign(ctx.get(), req, &resp);
+  grpc::Status st;
+  if (int rc = WithChannel(g, [&](const std::shared_ptr<grpc::Channel>& channel) {
+        auto ctx = Context(g);
+        st = custody::v1::KeyService::NewStub(channel)->Sign(ctx.get(), req, &resp);
+        return 0;
+      });
+      rc != 0) {
+    return rc;
+  }
   if (!st.ok()) {
     return RpcFail(st);
   }
@@ -224,12 +230,9 @@ int Sign(const Globals& g, const SignArgs& a) {
   return 0;
 }
 
-int Health(const Globals& g, const std::string& service) {
-  auto channel = Connect(g);
-  if (!channel.ok()) {
-    return Fail(std::string(channel.status().message()));
-  }
-  auto stub = grpc::health::v1::Health::NewStub(*channel);
+int Health(const Globals& g, const std::shared_ptr<grpc::Channel>& channel,
+           const std::string& service) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::health::v1::HealthCheckRequest req;
   req.set_service(service);
   grpc::health::v1::HealthCheckResponse resp;
@@ -263,12 +266,8 @@ int AuditVerify(const Globals& g, const std::string& path) {
   return 0;
 }
 
-int CloseSessions(const Globals& g) {
-  auto channel = Connect(g);
-  if (!channel.ok()) {
-    return Fail(std::string(channel.status().message()));
-  }
-  auto stub = custody::v1::KeyServiceTesting::NewStub(*channel);
+int CloseSessions(const Globals& g, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = custody::v1::KeyServiceTesting::NewStub(channel);
   custody::v1::CloseAllSessionsResponse resp;
   auto ctx = Context(g);
   grpc::Status st = stub->CloseAllSessions(ctx.get(), {}, &resp);
@@ -303,12 +302,13 @@ int main(int argc, char** argv) {
   int rc = 0;
   auto* keys = app.add_subcommand("keys", "list and show keys")->require_subcommand(1);
   keys->add_subcommand("list", "keys this identity may read")->callback([&] {
-    rc = KeysList(g);
+    rc = WithChannel(g, [&](const auto& ch) { return KeysList(g, ch); });
   });
   std::string show_name;
   auto* show = keys->add_subcommand("show", "a key's versions, public key and chain (PEM)");
   show->add_option("name", show_name, "key name")->required();
-  show->callback([&] { rc = KeysShow(g, show_name); });
+  show->callback(
+      [&] { rc = WithChannel(g, [&](const auto& ch) { return KeysShow(g, ch, show_name); }); });
 
   SignArgs sa;
   auto* sign = app.add_subcommand("sign", "sign a file's content inside the HSM");
@@ -323,7 +323,8 @@ int main(int argc, char** argv) {
   std::string service;
   auto* health = app.add_subcommand("health", "is the key service serving? (exit 0 if so)");
   health->add_option("--service", service, "service name (default: the whole server)");
-  health->callback([&] { rc = Health(g, service); });
+  health->callback(
+      [&] { rc = WithChannel(g, [&](const auto& ch) { return Health(g, ch, service); }); });
 
   std::string audit_path;
   auto* audit = app.add_subcommand("audit", "audit log tools")->require_subcommand(1);
@@ -339,7 +340,8 @@ int main(int argc, char** argv) {
   auto* testing = app.add_subcommand("testing", "test hooks (keyd --enable-test-hooks)")
                       ->require_subcommand(1);
   testing->add_subcommand("close-sessions", "close every HSM session under the key service")
-      ->callback([&] { rc = CloseSessions(g); });
+      ->callback(
+          [&] { rc = WithChannel(g, [&](const auto& ch) { return CloseSessions(g, ch); }); });
 
   CLI11_PARSE(app, argc, argv);
   return rc;

@@ -58,12 +58,10 @@ absl::StatusOr<Policy> Policy::Build(
   return policy;
 }
 
-bool Policy::MaySign(const std::string& identity, const std::string& key) const {
-  auto it = grants_.find(identity);
-  if (it == grants_.end()) {
-    return false;
-  }
-  for (const std::string& p : it->second.sign) {
+namespace {
+
+bool AnyMatches(const std::vector<std::string>& patterns, const std::string& key) {
+  for (const std::string& p : patterns) {
     if (GlobMatch(p, key)) {
       return true;
     }
@@ -71,20 +69,17 @@ bool Policy::MaySign(const std::string& identity, const std::string& key) const 
   return false;
 }
 
-bool Policy::MayRead(const std::string& identity, const std::string& key) const {
-  if (MaySign(identity, key)) {
-    return true;
-  }
+}  // namespace
+
+bool Policy::MaySign(const std::string& identity, const std::string& key) const {
   auto it = grants_.find(identity);
-  if (it == grants_.end()) {
-    return false;
-  }
-  for (const std::string& p : it->second.read) {
-    if (GlobMatch(p, key)) {
-      return true;
-    }
-  }
-  return false;
+  return it != grants_.end() && AnyMatches(it->second.sign, key);
+}
+
+bool Policy::MayRead(const std::string& identity, const std::string& key) const {
+  auto it = grants_.find(identity);
+  return it != grants_.end() &&
+         (AnyMatches(it->second.sign, key) || AnyMatches(it->second.read, key));
 }
 
 bool Policy::IsAdmin(const std::string& identity) const {
