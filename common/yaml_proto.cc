@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <set>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -32,6 +33,7 @@ class YamlToProto {
       return Error(node, path, "expected a mapping of fields");
     }
     const Descriptor* desc = msg->GetDescriptor();
+    std::set<const FieldDescriptor*> seen;
     for (const auto& kv : node) {
       const std::string key = kv.first.as<std::string>();
       const std::string field_path = path.empty() ? key : absl::StrCat(path, ".", key);
@@ -42,6 +44,9 @@ class YamlToProto {
       if (field == nullptr) {
         return Error(kv.first, field_path,
                      absl::StrCat("unknown field; known fields here: ", KnownFields(desc)));
+      }
+      if (!seen.insert(field).second) {
+        return Error(kv.first, field_path, "given twice; keep one");
       }
       if (field->is_repeated()) {
         CUSTODY_RETURN_IF_ERROR(FillRepeated(kv.second, field_path, field, msg));

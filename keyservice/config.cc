@@ -5,6 +5,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 #include "common/status.h"
 #include "common/yaml_proto.h"
 #include "keyservice/policy.h"
@@ -40,9 +41,18 @@ absl::Status ValidateListen(const std::string& field, const std::string& addr,
   return absl::OkStatus();
 }
 
+// RequireSecretFile checks a file holding a secret: readable, and by its owner only.
+absl::Status RequireSecretFile(const std::string& field, const std::string& path) {
+  CUSTODY_RETURN_IF_ERROR(RequireReadableFile(field, path));
+  if (absl::Status st = ReadSecretFile(path).status(); !st.ok()) {
+    return Invalid(field, std::string(st.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateTls(const custody::v1::KeydTlsConfig& tls) {
   CUSTODY_RETURN_IF_ERROR(RequireReadableFile("tls.cert_file", tls.cert_file()));
-  CUSTODY_RETURN_IF_ERROR(RequireReadableFile("tls.key_file", tls.key_file()));
+  CUSTODY_RETURN_IF_ERROR(RequireSecretFile("tls.key_file", tls.key_file()));
   return RequireReadableFile("tls.client_ca_file", tls.client_ca_file());
 }
 
@@ -51,7 +61,7 @@ absl::Status ValidateHsm(custody::v1::KeydHsmConfig& hsm) {
   if (hsm.token_label().empty()) {
     return Invalid("hsm.token_label", "required (the label given when the token was initialized)");
   }
-  CUSTODY_RETURN_IF_ERROR(RequireReadableFile("hsm.pin_file", hsm.pin_file()));
+  CUSTODY_RETURN_IF_ERROR(RequireSecretFile("hsm.pin_file", hsm.pin_file()));
   if (hsm.sessions() == 0) {
     hsm.set_sessions(kDefaultSessions);
   }
@@ -130,6 +140,15 @@ absl::Status ValidateKeydConfig(custody::v1::KeydConfig& config) {
   CUSTODY_RETURN_IF_ERROR(ValidateHsm(*config.mutable_hsm()));
   if (config.audit().path().empty()) {
     return Invalid("audit.path", "required: every private-key use is audited");
+  }
+  {
+    const std::string& path = config.audit().path();
+    const auto slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+    if (::access(dir.c_str(), W_OK) != 0) {
+      return Invalid("audit.path",
+                     absl::StrCat("the folder of '", path, "' does not exist or is not writable"));
+    }
   }
   if (!config.metrics().listen().empty()) {
     CUSTODY_RETURN_IF_ERROR(ValidateListen("metrics.listen", config.metrics().listen(),

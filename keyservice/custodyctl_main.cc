@@ -4,14 +4,19 @@
 #include <CLI/CLI.hpp>
 #include <google/protobuf/util/json_util.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "common/files.h"
+#include "common/unique_fd.h"
 #include "custody/v1/key_service.grpc.pb.h"
 #include "custody/v1/testing.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -182,6 +187,16 @@ int Sign(const Globals& g, const SignArgs& a) {
   if (!data.ok()) {
     return Fail(std::string(data.status().message()));
   }
+  if (data->empty()) {
+    return Fail(absl::StrCat(a.in, " is empty: nothing to sign"));
+  }
+  // Open the output before signing: a signature made and audited must not be lost to an
+  // unwritable path. A file created here is removed again if signing fails.
+  const bool existed = ::access(a.out.c_str(), F_OK) == 0;
+  custody::UniqueFd out(::open(a.out.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+  if (!out.valid()) {
+    return Fail(absl::StrCat("cannot write ", a.out, ": ", std::strerror(errno)));
+  }
   custody::v1::SignRequest req;
   req.set_key_name(a.key);
   req.set_version(a.version);
@@ -206,16 +221,23 @@ int Sign(const Globals& g, const SignArgs& a) {
         return 0;
       });
       rc != 0) {
+    if (!existed) {
+      ::unlink(a.out.c_str());
+    }
     return rc;
   }
   if (!st.ok()) {
+    if (!existed) {
+      ::unlink(a.out.c_str());
+    }
     return RpcFail(st);
   }
-  std::ofstream out(a.out, std::ios::binary | std::ios::trunc);
-  out.write(resp.signature().data(), static_cast<std::streamsize>(resp.signature().size()));
-  out.close();
-  if (!out) {
-    return Fail(absl::StrCat("cannot write ", a.out));
+  (void)::ftruncate(out.get(), 0);  // Fails harmlessly on a device such as /dev/null.
+  const std::string& sig = resp.signature();
+  if (::write(out.get(), sig.data(), sig.size()) != static_cast<ssize_t>(sig.size()) ||
+      ::close(out.Release()) != 0) {
+    return Fail(absl::StrCat("cannot write ", a.out, " (the signature was made: audit id ",
+                             resp.request_id(), ")"));
   }
   if (g.output == "json") {
     std::printf("{\"key\":%s,\"version\":%u,\"scheme\":\"%s\",\"request_id\":%s,\"out\":%s}\n",

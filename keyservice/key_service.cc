@@ -202,15 +202,15 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status KeyServiceImpl::Refuse(const Caller& caller, const std::string& action,
-                                    const std::string& key, const absl::Status& status,
-                                    absl::Time start) {
+grpc::Status KeyServiceImpl::Refuse(const Caller& caller, const std::string& method,
+                                    const std::string& action, const std::string& key,
+                                    const absl::Status& status, absl::Time start) {
   AuditRecord record{caller.identity, caller.peer, action, key};
   record.outcome = CodeName(status.code());
   record.detail = std::string(status.message());
   record.latency_us = Micros(start);
   const absl::StatusOr<std::string> id = audit_.Append(record);
-  metrics_.RecordRequest(action, record.outcome);
+  metrics_.RecordRequest(method, record.outcome);
   return ToGrpcStatus(status, id.ok() ? *id : "unaudited");
 }
 
@@ -220,7 +220,7 @@ grpc::Status KeyServiceImpl::GetKey(grpc::ServerContext* context,
   const absl::Time start = absl::Now();
   const Caller caller = CallerOf(*context);
   if (!policy_.MayRead(caller.identity, request->name())) {
-    return Refuse(caller, "get_key", request->name(),
+    return Refuse(caller, "GetKey", "get_key", request->name(),
                   absl::PermissionDeniedError(absl::StrCat("identity '", caller.identity,
                                                            "' may not read key '",
                                                            request->name(), "'")),
@@ -244,7 +244,7 @@ grpc::Status KeyServiceImpl::ListKeys(grpc::ServerContext* context,
   const absl::Time start = absl::Now();
   const Caller caller = CallerOf(*context);
   if (caller.identity.empty()) {
-    return Refuse(caller, "list_keys", "",
+    return Refuse(caller, "ListKeys", "list_keys", "",
                   absl::PermissionDeniedError("caller certificate has no common name"), start);
   }
   for (const auto& [name, versions] : Grouped(backend_)) {

@@ -57,9 +57,10 @@ class KeyServiceImpl final
                         custody::v1::ListKeysResponse* response) override;
 
  private:
-  // Refuse audits a refused read and answers it.
-  grpc::Status Refuse(const Caller& caller, const std::string& action, const std::string& key,
-                      const absl::Status& status, absl::Time start);
+  // Refuse audits a refused call (`action` in the audit log), counts it under `method`, and
+  // answers it.
+  grpc::Status Refuse(const Caller& caller, const std::string& method, const std::string& action,
+                      const std::string& key, const absl::Status& status, absl::Time start);
 
   hsm::KeyBackend& backend_;
   const Policy& policy_;

@@ -32,21 +32,21 @@ absl::StatusOr<Policy> Policy::Build(
   Policy policy;
   for (int i = 0; i < rules.size(); ++i) {
     const auto& rule = rules[i];
-    const std::string where = absl::StrCat("policy[", i, "]");
+    const std::string where = absl::StrCat("field 'policy[", i, "]");
     if (rule.identity().empty()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(where, ".identity: required (the CN of the caller's certificate)"));
+          absl::StrCat(where, ".identity': required (the CN of the caller's certificate)"));
     }
     if (policy.grants_.count(rule.identity()) != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ".identity: '", rule.identity(), "' has another rule; merge them into one"));
+          where, ".identity': '", rule.identity(), "' has another rule; merge them into one"));
     }
     Grants g;
     for (const auto& list : {&rule.sign(), &rule.read()}) {
       for (const std::string& pattern : *list) {
         if (pattern.empty()) {
           return absl::InvalidArgumentError(
-              absl::StrCat(where, ": empty key pattern; use \"*\" for every key"));
+              absl::StrCat(where, "': empty key pattern; use \"*\" for every key"));
         }
       }
     }

@@ -62,6 +62,14 @@ TEST(YamlProtoTest, WrongTypesAreRefused) {
   EXPECT_NE(Parse("listen:\n", &c).message().find("value is required"), absl::string_view::npos);
 }
 
+TEST(YamlProtoTest, AFieldGivenTwiceIsRefused) {
+  KeydConfig c;
+  absl::Status st = Parse("hsm:\n  sessions: 8\n  sessions: 9\n", &c);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("'hsm.sessions': given twice"), absl::string_view::npos) << st;
+  EXPECT_FALSE(Parse("policy: []\npolicy: []\n", &c).ok());
+}
+
 TEST(YamlProtoTest, JsonIsAccepted) {
   KeydConfig c;
   ASSERT_TRUE(Parse(R"({"listen": "[::1]:1", "hsm": {"sessions": 3}, "policy": [{"identity": "p"}]})",

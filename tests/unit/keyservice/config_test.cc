@@ -44,6 +44,8 @@ class ValidateTest : public ::testing::Test {
     for (const char* f : {"cert", "key", "ca", "module", "pin"}) {
       std::ofstream(dir_ + "/" + f) << "x";
     }
+    ::chmod((dir_ + "/key").c_str(), 0600);
+    ::chmod((dir_ + "/pin").c_str(), 0600);
   }
   std::string Yaml(const std::string& extra = "") const {
     return "listen: 127.0.0.1:7443\n"
@@ -95,6 +97,21 @@ TEST_F(ValidateTest, EachProblemNamesItsField) {
   const auto tls = no_tls.find("tls:");
   no_tls.erase(tls, no_tls.find('\n', tls) + 1 - tls);
   expect_field(no_tls, "'tls'");
+}
+
+TEST_F(ValidateTest, SecretsReadableByOthersAndMissingAuditFolderAreRefused) {
+  custody::v1::KeydConfig c;
+  ::chmod((dir_ + "/pin").c_str(), 0640);
+  absl::Status st = Validate(Yaml(), &c);
+  EXPECT_NE(st.message().find("'hsm.pin_file'"), absl::string_view::npos) << st;
+  EXPECT_NE(st.message().find("chmod 600"), absl::string_view::npos) << st;
+  ::chmod((dir_ + "/pin").c_str(), 0600);
+  ::chmod((dir_ + "/key").c_str(), 0644);
+  EXPECT_NE(Validate(Yaml(), &c).message().find("'tls.key_file'"), absl::string_view::npos);
+  ::chmod((dir_ + "/key").c_str(), 0600);
+  std::string audit = Yaml();
+  audit.replace(audit.find(dir_ + "/audit.log"), dir_.size() + 10, dir_ + "/no/such/audit.log");
+  EXPECT_NE(Validate(audit, &c).message().find("'audit.path'"), absl::string_view::npos);
 }
 
 TEST_F(ValidateTest, MetricsMayLeaveLoopbackOnlyWhenAllowed) {
