@@ -105,28 +105,37 @@ int RunDirect(const Options& o, const custody::hsm::SchemeInfo& scheme,
   }
   std::atomic<bool> measuring{false};
   std::atomic<bool> stop{false};
+  std::atomic<bool> failed{false};
   std::mutex mu;
   Result total;
   std::vector<std::thread> threads;
   for (int t = 0; t < o.concurrency; ++t) {
     threads.emplace_back([&] {
       CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-      fn->C_OpenSession(*slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
-      fn->C_Login(s, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin->data()), pin->size());
       CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
       std::string id = custody::hsm::MakeKeyId(o.key, 1);
-      auto keys = custody::hsm::FindObjects(
-          fn, s, {{CKA_CLASS, &cls, sizeof(cls)}, {CKA_ID, id.data(), id.size()}});
+      CK_RV rv = fn->C_OpenSession(*slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
+      if (rv == CKR_OK) {
+        rv = fn->C_Login(s, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin->data()),
+                         pin->size());
+        rv = rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv;
+      }
+      auto keys = rv == CKR_OK ? custody::hsm::FindObjects(fn, s,
+                                                           {{CKA_CLASS, &cls, sizeof(cls)},
+                                                            {CKA_ID, id.data(), id.size()}})
+                               : custody::hsm::RvToStatus(rv, "session");
       if (!keys.ok() || keys->empty()) {
-        std::fprintf(stderr, "key %s not found\n", id.c_str());
-        std::exit(2);
+        std::fprintf(stderr, "key %s: %s\n", id.c_str(),
+                     keys.ok() ? "not found" : keys.status().ToString().c_str());
+        failed = true;
+        return;
       }
       Result mine;
       while (!stop.load(std::memory_order_relaxed)) {
         const auto start = Clock::now();
         uint8_t sig[1024];
         CK_ULONG len = sizeof(sig);
-        CK_RV rv = fn->C_SignInit(s, &mech, keys->front());
+        rv = fn->C_SignInit(s, &mech, keys->front());
         if (rv == CKR_OK) {
           rv = fn->C_Sign(s, data.data(), data.size(), sig, &len);
         }
@@ -147,6 +156,9 @@ int RunDirect(const Options& o, const custody::hsm::SchemeInfo& scheme,
   total.seconds = MeasureWindow(o, measuring, stop);
   for (auto& th : threads) {
     th.join();
+  }
+  if (failed) {
+    return 2;
   }
   Report(o, total);
   return 0;
@@ -265,5 +277,9 @@ int main(int argc, char** argv) {
   auto digest = custody::hsm::Hash(
       scheme->hash, absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(message.data()),
                                         message.size()));
+  if (!digest.ok()) {
+    std::fprintf(stderr, "%s\n", digest.status().ToString().c_str());
+    return 2;
+  }
   return o.mode == "direct" ? RunDirect(o, *scheme, *digest) : RunKeyd(o, *scheme, *digest);
 }

@@ -7,6 +7,7 @@
 #include <openssl/ec.h>
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
+#include <openssl/param_build.h>
 #include <openssl/x509.h>
 
 #include <memory>
@@ -25,12 +26,15 @@ struct OsslDeleter;
     void operator()(type* p) const noexcept { free_fn(p); } \
   }
 
+CUSTODY_OSSL_DELETER_(ASN1_OCTET_STRING, ASN1_OCTET_STRING_free);
 CUSTODY_OSSL_DELETER_(BIO, BIO_free_all);
 CUSTODY_OSSL_DELETER_(BIGNUM, BN_free);
 CUSTODY_OSSL_DELETER_(ECDSA_SIG, ECDSA_SIG_free);
 CUSTODY_OSSL_DELETER_(EVP_MD_CTX, EVP_MD_CTX_free);
 CUSTODY_OSSL_DELETER_(EVP_PKEY, EVP_PKEY_free);
 CUSTODY_OSSL_DELETER_(EVP_PKEY_CTX, EVP_PKEY_CTX_free);
+CUSTODY_OSSL_DELETER_(OSSL_PARAM, OSSL_PARAM_free);
+CUSTODY_OSSL_DELETER_(OSSL_PARAM_BLD, OSSL_PARAM_BLD_free);
 CUSTODY_OSSL_DELETER_(X509, X509_free);
 CUSTODY_OSSL_DELETER_(X509_NAME, X509_NAME_free);
 #undef CUSTODY_OSSL_DELETER_

@@ -53,6 +53,9 @@ class KeyBackend {
   // ListKeys returns every usable key version, by name then version. Thread-safe.
   virtual std::vector<KeyVersionInfo> ListKeys() const = 0;
 
+  // HasKey says whether a key named `name` is served. Thread-safe.
+  virtual bool HasKey(const std::string& name) const = 0;
+
   // Sign signs `input` with key `name`, version `version` (0: the highest). NOT_FOUND for an
   // unknown key or version, INVALID_ARGUMENT when the scheme does not suit the key,
   // UNAVAILABLE when the HSM failed even after one recovery, DEADLINE_EXCEEDED when no session

@@ -57,23 +57,25 @@ std::string RvName(CK_RV rv) {
   }
 }
 
-bool IsSessionLost(CK_RV rv) {
+SessionFault ClassifySessionFault(CK_RV rv) {
   switch (rv) {
+    case CKR_OPERATION_ACTIVE:
+    case CKR_BUFFER_TOO_SMALL:  // The one C_Sign error that leaves the operation active.
+      return SessionFault::kSessionOnly;
     case CKR_SESSION_HANDLE_INVALID:
     case CKR_SESSION_CLOSED:
+      return SessionFault::kSessionsGone;
     case CKR_USER_NOT_LOGGED_IN:
     case CKR_DEVICE_REMOVED:
     case CKR_DEVICE_ERROR:
     case CKR_TOKEN_NOT_PRESENT:
-    case CKR_OPERATION_ACTIVE:  // A session left mid-operation by a failed call.
-      return true;
+      return SessionFault::kLoginLost;
+    case CKR_KEY_HANDLE_INVALID:
+    case CKR_OBJECT_HANDLE_INVALID:
+      return SessionFault::kStaleObject;
     default:
-      return false;
+      return SessionFault::kNone;
   }
-}
-
-bool IsObjectStale(CK_RV rv) {
-  return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID;
 }
 
 absl::Status RvToStatus(CK_RV rv, const std::string& what) {
@@ -99,7 +101,7 @@ absl::Status RvToStatus(CK_RV rv, const std::string& what) {
     case CKR_SESSION_COUNT:
       return absl::ResourceExhaustedError(msg);
     default:
-      if (IsSessionLost(rv) || IsObjectStale(rv)) {
+      if (ClassifySessionFault(rv) != SessionFault::kNone) {
         return absl::UnavailableError(msg);
       }
       return absl::InternalError(msg);
@@ -126,11 +128,13 @@ absl::StatusOr<std::shared_ptr<Pkcs11Module>> Pkcs11Module::Load(const std::stri
     ::dlclose(handle);
     return RvToStatus(rv, absl::StrCat("C_Initialize of ", path));
   }
-  return std::shared_ptr<Pkcs11Module>(new Pkcs11Module(handle, fn));
+  return std::shared_ptr<Pkcs11Module>(new Pkcs11Module(handle, fn, rv == CKR_OK));
 }
 
 Pkcs11Module::~Pkcs11Module() {
-  fn_->C_Finalize(nullptr);
+  if (finalize_) {
+    fn_->C_Finalize(nullptr);
+  }
   ::dlclose(handle_);
 }
 

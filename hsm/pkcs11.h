@@ -19,16 +19,26 @@ std::string RvName(CK_RV rv);
 // FAILED_PRECONDITION, bad mechanism input to INVALID_ARGUMENT.
 absl::Status RvToStatus(CK_RV rv, const std::string& what);
 
-// IsSessionLost says whether `rv` means the session (or the login behind it) is gone, so the
-// session must be discarded and the operation retried on a fresh, logged-in one.
-bool IsSessionLost(CK_RV rv);
+// SessionFault is what a failed call's CK_RV says about the session it ran on, and so what
+// recovery it needs before one retry.
+enum class SessionFault {
+  kNone,          // The session is fine: the error is about the input or the key. No retry.
+  kSessionOnly,   // This session alone is unusable (an operation left active): close it.
+  kSessionsGone,  // The token dropped every session (reset): forget them all, do not close
+                  // their handles (the numbers may already name new sessions), log in anew.
+  kLoginLost,     // The token logged out or failed: close every session, log in anew.
+  kStaleObject,   // The object handle no longer names the object: look it up again.
+};
 
-// IsObjectStale says whether `rv` means an object handle no longer names an object (the token
-// was restarted or the object re-created): look the object up again.
-bool IsObjectStale(CK_RV rv);
+// ClassifySessionFault maps a failed call's CK_RV to the recovery it needs. Every fault but
+// kNone also invalidates the object handles the caller holds, after the token's sessions are
+// all gone (PKCS#11 v2.40, 5.6: closing the last session logs out, and tokens such as SoftHSM2
+// then drop their object handles).
+SessionFault ClassifySessionFault(CK_RV rv);
 
 // Pkcs11Module is a loaded and initialized PKCS#11 module (dlopen + C_Initialize with OS
-// locking, so it may be used from many threads). C_Finalize and dlclose on destruction.
+// locking, so it may be used from many threads). C_Finalize (if this object initialized it) and
+// dlclose on destruction.
 // Thread-safe.
 class Pkcs11Module {
  public:
@@ -48,9 +58,13 @@ class Pkcs11Module {
   [[nodiscard]] absl::StatusOr<CK_SLOT_ID> FindSlotByTokenLabel(const std::string& label) const;
 
  private:
-  Pkcs11Module(void* handle, CK_FUNCTION_LIST* fn) : handle_(handle), fn_(fn) {}
+  Pkcs11Module(void* handle, CK_FUNCTION_LIST* fn, bool finalize)
+      : handle_(handle), fn_(fn), finalize_(finalize) {}
   void* handle_;
   CK_FUNCTION_LIST* fn_;
+  // False when the module was already initialized by someone else in this process, who then
+  // owns C_Finalize.
+  bool finalize_;
 };
 
 }  // namespace custody::hsm

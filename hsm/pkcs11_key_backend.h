@@ -1,8 +1,11 @@
 // Pkcs11KeyBackend: keys that live in a PKCS#11 token. The token is the source of truth: keys
 // are found by custody's naming convention (CKA_LABEL = key name, CKA_ID = "NAME/vN"), with
-// their certificates stored next to them. Private keys are only ever used by handle.
+// their certificates stored next to them. Private keys are only ever used by handle, and only
+// keys that were generated in the token and never left it are served: CKA_SENSITIVE,
+// CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE true, CKA_EXTRACTABLE false.
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -36,15 +39,19 @@ struct KeyObjectAttributes {
 
 class Pkcs11KeyBackend final : public KeyBackend {
  public:
-  // Open loads the module, finds the token, logs in and reads the key inventory. Keys that are
-  // not sensitive, or are extractable, are refused (logged, not served).
+  // Open loads the module, finds the token, logs in and reads the key inventory. Keys without
+  // the protection attributes above are refused (logged, not served).
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Pkcs11KeyBackend>> Open(
       const Pkcs11Options& options);
 
   std::vector<KeyVersionInfo> ListKeys() const override;
+  bool HasKey(const std::string& name) const override;
   absl::StatusOr<SignResult> Sign(const std::string& name, uint32_t version,
                                   const SignInput& input, absl::Time deadline) override;
   absl::Status Refresh() override;
+  // SimulateTokenReset calls C_CloseAllSessions on the slot behind the pool's back, as a token
+  // reset would: pooled handles become invalid, the login is lost, object handles go stale.
+  // It waits for the signatures in flight to finish first (SoftHSM2 is not safe otherwise).
   absl::Status SimulateTokenReset() override;
 
   // ReadKeyAttributes reads the protection attributes of a key's private object (for audits
@@ -57,16 +64,19 @@ class Pkcs11KeyBackend final : public KeyBackend {
  private:
   struct Entry {
     KeyVersionInfo info;
-    CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
+    // The private key's handle, shared by every copy of the entry so that a handle found again
+    // after a token reset serves later calls too.
+    std::shared_ptr<std::atomic<CK_OBJECT_HANDLE>> private_key;
   };
   using Inventory = std::map<std::string, std::vector<Entry>, std::less<>>;  // Versions sorted.
 
   explicit Pkcs11KeyBackend(std::unique_ptr<SessionPool> pool) : pool_(std::move(pool)) {}
 
   absl::StatusOr<Inventory> LoadInventory();
+  std::shared_ptr<const Inventory> Snapshot() const;
   absl::StatusOr<Entry> FindEntry(const std::string& name, uint32_t version) const;
   // SignOnce makes one attempt; the CK_RV tells the caller whether to recover and retry.
-  CK_RV SignOnce(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, const SignInput& input,
+  CK_RV SignOnce(CK_SESSION_HANDLE s, const Entry& entry, const SignInput& input,
                  std::vector<uint8_t>* out);
 
   std::unique_ptr<SessionPool> pool_;

@@ -10,11 +10,11 @@ SessionPool::Lease::Lease(Lease&& other) noexcept
     : pool_(std::exchange(other.pool_, nullptr)),
       handle_(other.handle_),
       generation_(other.generation_),
-      lost_(other.lost_) {}
+      fault_(other.fault_) {}
 
 SessionPool::Lease::~Lease() {
   if (pool_ != nullptr) {
-    pool_->Release(handle_, generation_, lost_);
+    pool_->Release(handle_, generation_, fault_);
   }
 }
 
@@ -49,7 +49,7 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
   {
     absl::MutexLock lock(&mu_);
     auto can_proceed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return !idle_.empty() || open_ < size_;
+      return quiescing_ == 0 && (!idle_.empty() || open_ < size_);
     };
     if (!mu_.AwaitWithDeadline(absl::Condition(&can_proceed), deadline)) {
       return absl::DeadlineExceededError("every HSM session stayed busy until the deadline");
@@ -89,34 +89,51 @@ absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn() {
   return h;
 }
 
-void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, bool lost) {
+absl::Status SessionPool::RunQuiescent(absl::Time deadline, absl::FunctionRef<CK_RV()> fn,
+                                       const std::string& what) {
+  absl::MutexLock lock(&mu_);
+  ++quiescing_;  // New Acquire calls wait, so the sessions lent out can only come back.
+  auto quiet = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return open_ == idle_.size(); };
+  const bool quiet_in_time = mu_.AwaitWithDeadline(absl::Condition(&quiet), deadline);
+  absl::Status status = quiet_in_time ? RvToStatus(fn(), what)
+                                      : absl::DeadlineExceededError(
+                                            "HSM sessions stayed in use until the deadline");
+  --quiescing_;
+  return status;
+}
+
+void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, SessionFault fault) {
   std::vector<CK_SESSION_HANDLE> to_close;
   {
     absl::MutexLock lock(&mu_);
-    if (!lost && generation == generation_) {
+    const bool current = generation == generation_;
+    const bool token_wide = fault == SessionFault::kSessionsGone || fault == SessionFault::kLoginLost;
+    if (current && !token_wide && fault != SessionFault::kSessionOnly) {
       idle_.push_back({handle, generation});
       return;
     }
     --open_;
-    to_close.push_back(handle);
-    if (lost && generation == generation_) {
+    // A session of a retired generation was already invalidated by the token when the
+    // generation was retired because the token dropped its sessions: forget it then.
+    const bool may_close = fault != SessionFault::kSessionsGone && (current || !sessions_gone_);
+    if (may_close) {
+      to_close.push_back(handle);
+    }
+    if (current && token_wide) {
       ++generation_;
+      sessions_gone_ = fault == SessionFault::kSessionsGone;
       std::vector<CK_SESSION_HANDLE> idle = DropIdleLocked();
-      to_close.insert(to_close.end(), idle.begin(), idle.end());
-      spdlog::warn("hsm: session lost; closing {} session(s); the next use opens and logs in anew",
-                   to_close.size());
+      if (may_close) {
+        to_close.insert(to_close.end(), idle.begin(), idle.end());
+      }
+      spdlog::warn("hsm: the token dropped its sessions or login; retiring {} session(s), the "
+                   "next use opens one and logs in anew",
+                   idle.size() + 1);
     }
   }
   for (CK_SESSION_HANDLE h : to_close) {
-    module_->fn()->C_CloseSession(h);  // Most likely invalid already; nothing to do on error.
+    module_->fn()->C_CloseSession(h);  // Possibly invalid already; nothing to do on error.
   }
-}
-
-absl::Status SessionPool::CloseAllSessions() {
-  absl::MutexLock lock(&mu_);
-  ++generation_;
-  (void)DropIdleLocked();  // C_CloseAllSessions closes them.
-  return RvToStatus(module_->fn()->C_CloseAllSessions(slot_), "C_CloseAllSessions");
 }
 
 }  // namespace custody::hsm

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -26,10 +27,11 @@ class SessionPool {
     Lease(const Lease&) = delete;
     ~Lease();
     CK_SESSION_HANDLE get() const { return handle_; }
-    // MarkLost says the session (or the token's login) is gone: on release it is closed rather
-    // than reused, and so is every session opened before it (idle now or returned later),
-    // since a lost session usually means the token was reset.
-    void MarkLost() { lost_ = true; }
+    // MarkBroken records what a failed call said about the session (see SessionFault). On
+    // release: kSessionOnly closes this session; kSessionsGone and kLoginLost retire every
+    // session opened before now (idle or lent out), closing them for kLoginLost and forgetting
+    // them for kSessionsGone; kNone and kStaleObject return the session to the pool.
+    void MarkBroken(SessionFault fault) { fault_ = fault; }
 
    private:
     friend class SessionPool;
@@ -38,7 +40,7 @@ class SessionPool {
     SessionPool* pool_;
     CK_SESSION_HANDLE handle_;
     uint64_t generation_;
-    bool lost_ = false;
+    SessionFault fault_ = SessionFault::kNone;
   };
 
   // SessionPool lends at most `size` sessions on `slot`, each logged in as the user with `pin`.
@@ -54,9 +56,12 @@ class SessionPool {
   // Thread-safe.
   [[nodiscard]] absl::StatusOr<Lease> Acquire(absl::Time deadline);
 
-  // CloseAllSessions calls C_CloseAllSessions on the slot, as a token reset would: sessions
-  // lent out at the time fail on their next use and are replaced. For tests and recovery drills.
-  [[nodiscard]] absl::Status CloseAllSessions();
+
+  // RunQuiescent runs `fn` once no session is lent out, holding every other caller off while it
+  // runs (waits until `deadline`, then DEADLINE_EXCEEDED). For drills that must not race the
+  // module: SoftHSM2 crashes if C_CloseAllSessions runs while another thread uses a session.
+  [[nodiscard]] absl::Status RunQuiescent(absl::Time deadline, absl::FunctionRef<CK_RV()> fn,
+                                          const std::string& what);
 
   // size is the pool's capacity; in_use the sessions lent out now. Thread-safe.
   std::size_t size() const { return size_; }
@@ -71,7 +76,7 @@ class SessionPool {
     uint64_t generation;
   };
   absl::StatusOr<CK_SESSION_HANDLE> OpenLoggedIn();
-  void Release(CK_SESSION_HANDLE handle, uint64_t generation, bool lost);
+  void Release(CK_SESSION_HANDLE handle, uint64_t generation, SessionFault fault);
   // DropIdleLocked forgets every idle session and returns their handles for closing.
   std::vector<CK_SESSION_HANDLE> DropIdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -85,6 +90,10 @@ class SessionPool {
   std::size_t open_ ABSL_GUARDED_BY(mu_) = 0;  // Idle plus lent out.
   // Sessions opened before the latest loss belong to an older generation and are not reused.
   uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int quiescing_ ABSL_GUARDED_BY(mu_) = 0;  // RunQuiescent calls waiting or running.
+  // Why the latest generation was retired: the token dropped its sessions (true) or lost its
+  // login (false).
+  bool sessions_gone_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace custody::hsm

@@ -32,14 +32,13 @@ absl::StatusOr<std::vector<uint8_t>> SpkiOf(EVP_PKEY* pkey) {
   return der;
 }
 
+// FromData builds a public key of `type` ("RSA", "EC") from the parameters in `bld`.
 absl::StatusOr<OsslPtr<EVP_PKEY>> FromData(const char* type, OSSL_PARAM_BLD* bld) {
-  OSSL_PARAM* params = OSSL_PARAM_BLD_to_param(bld);
+  OsslPtr<OSSL_PARAM> params(OSSL_PARAM_BLD_to_param(bld));
   OsslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
   EVP_PKEY* pkey = nullptr;
-  const bool ok = params != nullptr && ctx != nullptr && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
-                  EVP_PKEY_fromdata(ctx.get(), &pkey, EVP_PKEY_PUBLIC_KEY, params) == 1;
-  OSSL_PARAM_free(params);
-  if (!ok) {
+  if (params == nullptr || ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &pkey, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
     return OsslError(absl::StatusCode::kInvalidArgument, "building the public key");
   }
   return OsslPtr<EVP_PKEY>(pkey);
@@ -53,16 +52,15 @@ absl::StatusOr<std::vector<uint8_t>> UnwrapEcPoint(const std::vector<uint8_t>& v
     return value;
   }
   const uint8_t* p = value.data();
-  ASN1_OCTET_STRING* os = d2i_ASN1_OCTET_STRING(nullptr, &p, static_cast<long>(value.size()));
+  OsslPtr<ASN1_OCTET_STRING> os(
+      d2i_ASN1_OCTET_STRING(nullptr, &p, static_cast<long>(value.size())));
   if (os == nullptr || p != value.data() + value.size() ||
-      static_cast<std::size_t>(ASN1_STRING_length(os)) != raw_len) {
-    ASN1_OCTET_STRING_free(os);
+      static_cast<std::size_t>(ASN1_STRING_length(os.get())) != raw_len) {
     ClearOsslErrors();
     return absl::InvalidArgumentError("CKA_EC_POINT has an unexpected encoding");
   }
-  std::vector<uint8_t> out(ASN1_STRING_get0_data(os), ASN1_STRING_get0_data(os) + raw_len);
-  ASN1_OCTET_STRING_free(os);
-  return out;
+  const uint8_t* data = ASN1_STRING_get0_data(os.get());
+  return std::vector<uint8_t>(data, data + raw_len);
 }
 
 absl::StatusOr<PublicKey> PublicKeyFromPkey(EVP_PKEY* pkey) {
@@ -212,11 +210,13 @@ absl::StatusOr<PublicKey> ReadPublicKey(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE 
     }
     OsslPtr<BIGNUM> bn_n(BN_bin2bn(n->data(), static_cast<int>(n->size()), nullptr));
     OsslPtr<BIGNUM> bn_e(BN_bin2bn(e->data(), static_cast<int>(e->size()), nullptr));
-    OSSL_PARAM_BLD* bld = OSSL_PARAM_BLD_new();
-    OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n.get());
-    OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e.get());
-    auto pkey = FromData("RSA", bld);
-    OSSL_PARAM_BLD_free(bld);
+    OsslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
+    if (bn_n == nullptr || bn_e == nullptr || bld == nullptr ||
+        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, bn_n.get()) != 1 ||
+        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, bn_e.get()) != 1) {
+      return OsslError(absl::StatusCode::kResourceExhausted, "RSA public key parameters");
+    }
+    auto pkey = FromData("RSA", bld.get());
     if (!pkey.ok()) {
       return pkey.status();
     }
@@ -255,11 +255,14 @@ absl::StatusOr<PublicKey> ReadPublicKey(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE 
   if (!raw.ok()) {
     return raw.status();
   }
-  OSSL_PARAM_BLD* bld = OSSL_PARAM_BLD_new();
-  OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, group, 0);
-  OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY, raw->data(), raw->size());
-  auto pkey = FromData("EC", bld);
-  OSSL_PARAM_BLD_free(bld);
+  OsslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
+  if (bld == nullptr ||
+      OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME, group, 0) != 1 ||
+      OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY, raw->data(),
+                                       raw->size()) != 1) {
+    return OsslError(absl::StatusCode::kResourceExhausted, "EC public key parameters");
+  }
+  auto pkey = FromData("EC", bld.get());
   if (!pkey.ok()) {
     return pkey.status();
   }

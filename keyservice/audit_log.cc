@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <optional>
 
 #include "absl/strings/escaping.h"
@@ -16,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/files.h"
+#include "common/ossl.h"
 #include "common/status.h"
 
 namespace custody::keyservice {
@@ -80,30 +82,24 @@ std::string JsonQuote(const std::string& s) {
 }
 
 AuditLog::AuditLog(std::string path, UniqueFd fd, std::string prev_hash, uint64_t next_seq,
-                   std::string boot)
+                   std::string boot, off_t size)
     : path_(std::move(path)),
       boot_(std::move(boot)),
       fd_(std::move(fd)),
       prev_hash_(std::move(prev_hash)),
-      next_seq_(next_seq) {}
+      next_seq_(next_seq),
+      size_(size) {}
 
 absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path) {
-  std::string prev = kGenesis;
-  uint64_t records = 0;
+  AuditLogSummary summary{0, kGenesis, 0};
   if (::access(path.c_str(), F_OK) == 0) {
-    auto summary = VerifyAuditLog(path);
-    if (!summary.ok()) {
+    auto verified = VerifyAuditLog(path);
+    if (!verified.ok()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "audit log ", path, " does not verify (", summary.status().message(),
+          "audit log ", path, " does not verify (", verified.status().message(),
           "); keep it as evidence, and start a new log at another path"));
     }
-    records = summary->records;
-    CUSTODY_ASSIGN_OR_RETURN(const std::string content, ReadFile(path));
-    const std::string body(absl::StripSuffix(content, "\n"));
-    if (!body.empty()) {
-      const auto nl = body.rfind('\n');
-      prev = Sha256Hex(nl == std::string::npos ? body : body.substr(nl + 1));
-    }
+    summary = *std::move(verified);
   }
   const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) {
@@ -111,11 +107,15 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path
         absl::StrCat("cannot open audit log ", path, ": ", std::strerror(errno)));
   }
   unsigned char nonce[6];
-  RAND_bytes(nonce, sizeof(nonce));
+  if (RAND_bytes(nonce, sizeof(nonce)) != 1) {
+    ::close(fd);
+    return OsslError(absl::StatusCode::kInternal, "RAND_bytes for the audit log's id prefix");
+  }
   std::string boot = absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(nonce), sizeof(nonce)));
-  return std::unique_ptr<AuditLog>(
-      new AuditLog(path, UniqueFd(fd), std::move(prev), records + 1, std::move(boot)));
+  return std::unique_ptr<AuditLog>(new AuditLog(path, UniqueFd(fd), summary.last_hash,
+                                                summary.records + 1, std::move(boot),
+                                                summary.bytes));
 }
 
 absl::StatusOr<std::string> AuditLog::Append(const AuditRecord& r) {
@@ -144,37 +144,41 @@ absl::StatusOr<std::string> AuditLog::Append(const AuditRecord& r) {
   absl::StrAppend(&line, ",\"prev\":\"", prev_hash_, "\"}");
   const std::string hash = Sha256Hex(line);
   line += '\n';
+  if (broken_) {
+    return absl::UnavailableError("audit log is broken since an earlier write failed");
+  }
   const ssize_t n = ::write(fd_.get(), line.data(), line.size());
   if (n != static_cast<ssize_t>(line.size())) {
-    // A short or failed write leaves the chain in doubt: refuse further use of the key rather
-    // than sign unaudited.
-    return absl::UnavailableError(
-        absl::StrCat("audit log write failed: ", n < 0 ? std::strerror(errno) : "short write"));
+    const std::string why = n < 0 ? std::strerror(errno) : "short write";
+    // Cut a partial line back off, so the chain stays whole; if that fails too, stop.
+    if (n > 0 && ::ftruncate(fd_.get(), size_) != 0) {
+      broken_ = true;
+    }
+    return absl::UnavailableError(absl::StrCat("audit log write failed: ", why));
   }
+  size_ += n;
   prev_hash_ = hash;
   ++next_seq_;
   return id;
 }
 
 absl::StatusOr<AuditLogSummary> VerifyAuditLog(const std::string& path) {
-  CUSTODY_ASSIGN_OR_RETURN(const std::string content, ReadFile(path));
-  AuditLogSummary summary;
-  if (content.empty()) {
-    return summary;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
   }
-  if (content.back() != '\n') {
-    return absl::DataLossError(absl::StrCat(path, ": the last line is incomplete"));
-  }
-  std::string prev = kGenesis;
-  uint64_t line_no = 0;
-  for (absl::string_view sv : absl::StrSplit(absl::StripSuffix(content, "\n"), '\n')) {
-    ++line_no;
-    const std::string line(sv);
+  AuditLogSummary summary{0, kGenesis, 0};
+  std::string line;
+  while (std::getline(in, line)) {
+    const uint64_t line_no = summary.records + 1;
+    if (in.eof()) {
+      return absl::DataLossError(absl::StrCat(path, ":", line_no, ": the last line is incomplete"));
+    }
     const std::optional<std::string> claimed = PrevOf(line);
     if (!claimed) {
       return absl::DataLossError(absl::StrCat(path, ":", line_no, ": not an audit record"));
     }
-    if (*claimed != prev) {
+    if (*claimed != summary.last_hash) {
       return absl::DataLossError(absl::StrCat(
           path, ":", line_no,
           ": hash chain broken (a record before it was changed, removed or reordered)"));
@@ -184,7 +188,8 @@ absl::StatusOr<AuditLogSummary> VerifyAuditLog(const std::string& path) {
       return absl::DataLossError(absl::StrCat(path, ":", line_no, ": sequence number is not ",
                                               line_no));
     }
-    prev = Sha256Hex(line);
+    summary.last_hash = Sha256Hex(line);
+    summary.bytes += static_cast<off_t>(line.size() + 1);
     ++summary.records;
   }
   return summary;

@@ -36,14 +36,16 @@ class AuditLog {
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<AuditLog>> Open(const std::string& path);
 
   // Append writes `record` as one line (one write(2) on an O_APPEND descriptor) and returns its
-  // id, unique in this log. Thread-safe; records appear in the order of their ids.
+  // id, unique in this log. Thread-safe; records appear in the order of their ids. A failed
+  // write is cut back off the file so the chain stays whole; if even that fails, every later
+  // Append fails too (UNAVAILABLE): the service stops signing rather than sign unaudited.
   [[nodiscard]] absl::StatusOr<std::string> Append(const AuditRecord& record);
 
   const std::string& path() const { return path_; }
 
  private:
   AuditLog(std::string path, UniqueFd fd, std::string prev_hash, uint64_t next_seq,
-           std::string boot);
+           std::string boot, off_t size);
 
   const std::string path_;
   const std::string boot_;  // Random per process: ids stay unique across restarts.
@@ -51,15 +53,19 @@ class AuditLog {
   UniqueFd fd_ ABSL_GUARDED_BY(mu_);
   std::string prev_hash_ ABSL_GUARDED_BY(mu_);
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_);
+  off_t size_ ABSL_GUARDED_BY(mu_);  // Bytes of whole records in the file.
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // AuditLogSummary is what VerifyAuditLog found.
 struct AuditLogSummary {
   uint64_t records = 0;
+  std::string last_hash;  // SHA-256 (hex) of the last record; 64 zeros for an empty log.
+  off_t bytes = 0;
 };
 
 // VerifyAuditLog checks every line of the log at `path`: valid JSON record, and "prev" equal to
-// the hash of the line before. DATA_LOSS names the first broken line.
+// the hash of the line before. DATA_LOSS names the first broken line. Reads line by line.
 [[nodiscard]] absl::StatusOr<AuditLogSummary> VerifyAuditLog(const std::string& path);
 
 // Sha256Hex is the lower-case hex SHA-256 of `data`.

@@ -6,8 +6,10 @@
 #include <map>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status.h"
 
 namespace custody::keyservice {
 namespace {
@@ -16,6 +18,21 @@ using custody::v1::Key;
 using custody::v1::KeyVersion;
 
 std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
+
+// ValidKeyName: 1 to 128 characters from A-Z a-z 0-9 . _ - (what key names are made of), so a
+// caller cannot push megabytes or control characters into the audit log, the log or metrics.
+absl::Status CheckKeyName(const std::string& name) {
+  const bool ok = !name.empty() && name.size() <= 128 &&
+                  std::all_of(name.begin(), name.end(), [](char c) {
+                    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' ||
+                           c == '_' || c == '-';
+                  });
+  if (!ok) {
+    return absl::InvalidArgumentError(
+        "key_name must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+  }
+  return absl::OkStatus();
+}
 
 double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
 
@@ -32,7 +49,7 @@ custody::v1::KeyType ToProto(hsm::KeyType type) {
     case hsm::KeyType::kEd25519:
       return custody::v1::KEY_TYPE_ED25519;
     case hsm::KeyType::kEcP521:
-      break;
+      return custody::v1::KEY_TYPE_EC_P521;
   }
   return custody::v1::KEY_TYPE_UNSPECIFIED;
 }
@@ -133,39 +150,41 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   const absl::Time start = absl::Now();
   const Caller caller = CallerOf(*context);
   metrics_.SignStarted();
-  const auto scheme = hsm::FindScheme(static_cast<uint16_t>(request->scheme()));
-  AuditRecord record{caller.identity, caller.peer, "sign", request->key_name(),
+  // Only a well-formed name goes into the audit record; a scheme outside the 16-bit TLS range
+  // is no scheme.
+  const bool name_ok = CheckKeyName(request->key_name()).ok();
+  const int scheme_code = static_cast<int>(request->scheme());
+  const auto scheme = scheme_code > 0 && scheme_code <= 0xffff
+                          ? hsm::FindScheme(static_cast<uint16_t>(scheme_code))
+                          : std::nullopt;
+  AuditRecord record{caller.identity, caller.peer, "sign", name_ok ? request->key_name() : "",
                      request->version(), scheme ? scheme->name : ""};
 
   absl::StatusOr<hsm::SignResult> result = [&]() -> absl::StatusOr<hsm::SignResult> {
     if (caller.identity.empty()) {
       return absl::PermissionDeniedError("caller certificate has no common name");
     }
-    if (request->key_name().empty()) {
-      return absl::InvalidArgumentError("key_name is required");
-    }
+    CUSTODY_RETURN_IF_ERROR(CheckKeyName(request->key_name()));
     if (!policy_.MaySign(caller.identity, request->key_name())) {
       return absl::PermissionDeniedError(absl::StrCat(
           "identity '", caller.identity, "' may not sign with key '", request->key_name(), "'"));
     }
     if (!scheme) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "unknown signature scheme ", static_cast<int>(request->scheme()),
+          "unknown signature scheme ", scheme_code,
           " (use a TLS SignatureScheme code point, e.g. 0x0403 ecdsa_secp256r1_sha256)"));
     }
     const bool is_message = request->input_case() == custody::v1::SignRequest::kMessage;
     const std::string& in = is_message ? request->message() : request->digest();
-    auto input = hsm::PrepareSignInput(
-        *scheme, is_message,
-        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
-        limits_.max_message_bytes);
-    if (!input.ok()) {
-      return input.status();
-    }
-    absl::Time deadline = start + limits_.sign_timeout;
-    const auto client_deadline = absl::FromChrono(context->deadline());
-    deadline = std::min(deadline, client_deadline);
-    return backend_.Sign(request->key_name(), request->version(), *input, deadline);
+    CUSTODY_ASSIGN_OR_RETURN(
+        const hsm::SignInput input,
+        hsm::PrepareSignInput(
+            *scheme, is_message,
+            absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
+            limits_.max_message_bytes));
+    const absl::Time deadline =
+        std::min(start + limits_.sign_timeout, absl::FromChrono(context->deadline()));
+    return backend_.Sign(request->key_name(), request->version(), input, deadline);
   }();
 
   const absl::Status status = result.status();
@@ -177,10 +196,10 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   }
   record.latency_us = Micros(start);
   absl::StatusOr<std::string> id = audit_.Append(record);
-  // Metric labels take the key name only for keys that exist: names sent by callers must not
-  // grow the label set without bound.
-  const bool known_key = status.code() != absl::StatusCode::kNotFound &&
-                         status.code() != absl::StatusCode::kPermissionDenied;
+  // Metric labels take the key name only for keys that exist and that the caller may use:
+  // names sent by callers must not grow the label set without bound.
+  const bool known_key = status.code() != absl::StatusCode::kPermissionDenied && name_ok &&
+                         backend_.HasKey(request->key_name());
   metrics_.RecordSign(known_key ? request->key_name() : "other", scheme ? scheme->name : "other",
                       id.ok() ? record.outcome : "UNAVAILABLE", Seconds(start));
   metrics_.SignFinished();
@@ -193,7 +212,7 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   metrics_.RecordRequest("Sign", record.outcome);
   if (!result.ok()) {
     spdlog::info("sign refused: request={} caller={} key={} code={} detail={}", *id,
-                 caller.identity, request->key_name(), record.outcome, status.message());
+                 caller.identity, record.key, record.outcome, status.message());
     return ToGrpcStatus(status, *id);
   }
   response->set_signature(result->signature.data(), result->signature.size());
@@ -219,6 +238,9 @@ grpc::Status KeyServiceImpl::GetKey(grpc::ServerContext* context,
                                     custody::v1::Key* response) {
   const absl::Time start = absl::Now();
   const Caller caller = CallerOf(*context);
+  if (absl::Status st = CheckKeyName(request->name()); !st.ok()) {
+    return Refuse(caller, "GetKey", "get_key", "", st, start);
+  }
   if (!policy_.MayRead(caller.identity, request->name())) {
     return Refuse(caller, "GetKey", "get_key", request->name(),
                   absl::PermissionDeniedError(absl::StrCat("identity '", caller.identity,

@@ -98,9 +98,9 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   grpc::ResourceQuota quota("custody-keyd");
   quota.SetMaxThreads(static_cast<int>(config.hsm().sessions()) + 32);
   builder.SetResourceQuota(quota);
-  // Messages over the service's own limit are refused by the handler (and audited) up to this
-  // transport limit; bigger ones are refused by gRPC.
-  builder.SetMaxReceiveMessageSize(4 * 1024 * 1024);
+  // A request carries at most a message of limits.max_message_bytes and a short key name; a
+  // little over that is refused by the handler (and audited), far over it by gRPC itself.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.limits().max_message_bytes()) + 4096);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::FailedPreconditionError(

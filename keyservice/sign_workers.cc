@@ -55,7 +55,6 @@ void SignWorkers::Run(grpc::ServerCompletionQueue* queue) {
       delete call;
       continue;
     }
-    RequestOne(service_, queue);  // Keep one call requested per worker.
     const grpc::Status status = service_.HandleSign(&call->context, &call->request,
                                                     &call->response);
     call->answered = true;
@@ -64,6 +63,9 @@ void SignWorkers::Run(grpc::ServerCompletionQueue* queue) {
     } else {
       call->responder.FinishWithError(status, call);
     }
+    // Ask for the next call only when free: a call matched to a busy worker would wait behind
+    // its signature while other workers idle.
+    RequestOne(service_, queue);
   }
 }
 

@@ -306,6 +306,17 @@ TEST_F(KeydTest, BadInputGetsAClearErrorAndTheServerKeepsServing) {
   cases.push_back({"no key name",
                    MessageRequest("", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
                    grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
+  cases.push_back({"key name with a newline",
+                   MessageRequest("lab-ec256\n{\"forged\":1}",
+                                  v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
+  cases.push_back({"key name too long",
+                   MessageRequest(std::string(129, 'k'),
+                                  v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
+  cases.push_back({"scheme beyond 16 bits aliasing a valid one",
+                   MessageRequest("lab-ec256", static_cast<v1::SignatureScheme>(0x10403), "m"),
+                   grpc::StatusCode::INVALID_ARGUMENT, "scheme"});
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     SignResponse resp;
@@ -313,6 +324,11 @@ TEST_F(KeydTest, BadInputGetsAClearErrorAndTheServerKeepsServing) {
     EXPECT_EQ(st.error_code(), c.want) << st.error_message();
     EXPECT_NE(st.error_message().find(c.message_has), std::string::npos) << st.error_message();
     EXPECT_TRUE(resp.signature().empty());
+  }
+  // Refusals are audited, but never with a malformed name.
+  for (const std::string& line : AuditLines()) {
+    EXPECT_EQ(line.find("forged"), std::string::npos) << line;
+    EXPECT_EQ(line.find(std::string(129, 'k')), std::string::npos);
   }
   // A message exactly at the limit is fine.
   SignResponse resp;

@@ -1,6 +1,8 @@
 #include "keyservice/audit_log.h"
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <fstream>
 #include <set>
@@ -99,6 +101,30 @@ TEST(AuditLogTest, EditingRemovingOrTruncatingIsDetected) {
 
   Overwrite(path, original);
   EXPECT_TRUE(VerifyAuditLog(path).ok());
+}
+
+// A write cut short (here by RLIMIT_FSIZE, as by a full disk) is cut back off the file, so the
+// chain stays whole and later records append cleanly once there is room again.
+TEST(AuditLogTest, AFailedWriteLeavesTheChainWhole) {
+  const std::string path = NewPath();
+  auto log = AuditLog::Open(path);
+  ASSERT_TRUE(log.ok());
+  ASSERT_TRUE((*log)->Append(Record("before")).ok());
+  const off_t size = static_cast<off_t>(ReadFile(path)->size());
+  struct rlimit old_limit {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  ::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old_limit;
+  small.rlim_cur = static_cast<rlim_t>(size + 40);  // Room for part of a record only.
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  auto failed = (*log)->Append(Record("cut-short"));
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(static_cast<off_t>(ReadFile(path)->size()), size);
+  ASSERT_TRUE((*log)->Append(Record("after")).ok());
+  auto summary = VerifyAuditLog(path);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->records, 2u);
 }
 
 TEST(AuditLogTest, FieldsAreEscapedJson) {
