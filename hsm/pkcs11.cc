@@ -109,7 +109,9 @@ absl::Status RvToStatus(CK_RV rv, const std::string& what) {
 }
 
 absl::StatusOr<std::shared_ptr<Pkcs11Module>> Pkcs11Module::Load(const std::string& path) {
-  void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  // RTLD_NODELETE: modules are never unmapped; some misbehave on unload (libp11 #123), and
+  // leak reports must still be able to name the module.
+  void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (handle == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot load PKCS#11 module ", path, ": ", ::dlerror()));
