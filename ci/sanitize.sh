@@ -15,6 +15,6 @@ export LSAN_OPTIONS="suppressions=$(pwd)/ci/lsan.supp:print_suppressions=0"
 # Slow unwinding: leak stacks must reach through libcrypto (no frame pointers) to the module
 # that allocated, for the suppressions to match.
 export ASAN_OPTIONS="detect_leaks=1:fast_unwind_on_malloc=0"
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+export TSAN_OPTIONS="suppressions=$(pwd)/ci/tsan.supp:second_deadlock_stack=1"
 cd "build-$kind"
 ctest --output-on-failure --timeout 900 -j 2

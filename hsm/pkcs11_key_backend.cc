@@ -256,13 +256,13 @@ absl::Status Pkcs11KeyBackend::Refresh() {
   }
   spdlog::info("hsm: key inventory: {} key(s): {}", inventory.size(), absl::StrJoin(names, ", "));
   auto snapshot = std::make_shared<const Inventory>(std::move(inventory));
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   inventory_ = std::move(snapshot);
   return absl::OkStatus();
 }
 
 std::shared_ptr<const Pkcs11KeyBackend::Inventory> Pkcs11KeyBackend::Snapshot() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return inventory_;
 }
 

@@ -23,7 +23,7 @@ SessionPool::SessionPool(std::shared_ptr<Pkcs11Module> module, CK_SLOT_ID slot, 
     : module_(std::move(module)), slot_(slot), pin_(std::move(pin)), size_(size) {}
 
 SessionPool::~SessionPool() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   for (CK_SESSION_HANDLE h : DropIdleLocked()) {
     module_->fn()->C_CloseSession(h);
   }
@@ -40,18 +40,16 @@ std::vector<CK_SESSION_HANDLE> SessionPool::DropIdleLocked() {
 }
 
 std::size_t SessionPool::in_use() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return open_ - idle_.size();
 }
 
 absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
   uint64_t generation = 0;
   {
-    absl::MutexLock lock(&mu_);
-    auto can_proceed = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return quiescing_ == 0 && (!idle_.empty() || open_ < size_);
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&can_proceed), deadline)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto can_proceed = [this] { return quiescing_ == 0 && (!idle_.empty() || open_ < size_); };
+    if (!changed_.wait_until(lock, absl::ToChronoTime(deadline), can_proceed)) {
       return absl::DeadlineExceededError("every HSM session stayed busy until the deadline");
     }
     if (!idle_.empty()) {
@@ -64,8 +62,9 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire(absl::Time deadline) {
   }
   absl::StatusOr<CK_SESSION_HANDLE> h = OpenLoggedIn();
   if (!h.ok()) {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     --open_;
+    changed_.notify_all();
     return h.status();
   }
   return Lease(this, *h, generation);
@@ -91,21 +90,23 @@ absl::StatusOr<CK_SESSION_HANDLE> SessionPool::OpenLoggedIn() {
 
 absl::Status SessionPool::RunQuiescent(absl::Time deadline, absl::FunctionRef<CK_RV()> fn,
                                        const std::string& what) {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   ++quiescing_;  // New Acquire calls wait, so the sessions lent out can only come back.
-  auto quiet = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return open_ == idle_.size(); };
-  const bool quiet_in_time = mu_.AwaitWithDeadline(absl::Condition(&quiet), deadline);
+  const bool quiet_in_time = changed_.wait_until(lock, absl::ToChronoTime(deadline),
+                                                 [this] { return open_ == idle_.size(); });
   absl::Status status = quiet_in_time ? RvToStatus(fn(), what)
                                       : absl::DeadlineExceededError(
                                             "HSM sessions stayed in use until the deadline");
   --quiescing_;
+  changed_.notify_all();
   return status;
 }
 
 void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, SessionFault fault) {
   std::vector<CK_SESSION_HANDLE> to_close;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    changed_.notify_all();  // Takes effect when the lock is released, whatever path follows.
     const bool current = generation == generation_;
     const bool token_wide = fault == SessionFault::kSessionsGone || fault == SessionFault::kLoginLost;
     if (current && !token_wide && fault != SessionFault::kSessionOnly) {

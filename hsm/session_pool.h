@@ -2,15 +2,15 @@
 // is the number of HSM operations in flight at once.
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "hsm/pkcs11.h"
 
@@ -78,22 +78,25 @@ class SessionPool {
   absl::StatusOr<CK_SESSION_HANDLE> OpenLoggedIn();
   void Release(CK_SESSION_HANDLE handle, uint64_t generation, SessionFault fault);
   // DropIdleLocked forgets every idle session and returns their handles for closing.
-  std::vector<CK_SESSION_HANDLE> DropIdleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<CK_SESSION_HANDLE> DropIdleLocked();  // Needs mu_ held.
 
   const std::shared_ptr<Pkcs11Module> module_;
   const CK_SLOT_ID slot_;
   const std::string pin_;
   const std::size_t size_;
 
-  mutable absl::Mutex mu_;
-  std::vector<Idle> idle_ ABSL_GUARDED_BY(mu_);
-  std::size_t open_ ABSL_GUARDED_BY(mu_) = 0;  // Idle plus lent out.
+  // std::mutex, not absl::Mutex: the system Abseil is not instrumented for ThreadSanitizer.
+  // Everything below is guarded by mu_; changed_ is signalled whenever it changes.
+  mutable std::mutex mu_;
+  std::condition_variable changed_;
+  std::vector<Idle> idle_;
+  std::size_t open_ = 0;  // Idle plus lent out.
   // Sessions opened before the latest loss belong to an older generation and are not reused.
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-  int quiescing_ ABSL_GUARDED_BY(mu_) = 0;  // RunQuiescent calls waiting or running.
+  uint64_t generation_ = 0;
+  int quiescing_ = 0;  // RunQuiescent calls waiting or running.
   // Why the latest generation was retired: the token dropped its sessions (true) or lost its
   // login (false).
-  bool sessions_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool sessions_gone_ = false;
 };
 
 }  // namespace custody::hsm

@@ -120,7 +120,7 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path
 
 absl::StatusOr<std::string> AuditLog::Append(const AuditRecord& r) {
   const std::string time = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone());
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   const uint64_t seq = next_seq_;
   const std::string id = absl::StrCat(boot_, "-", seq);
   std::string line = absl::StrCat("{\"seq\":", seq, ",\"id\":", JsonQuote(id),

@@ -6,11 +6,10 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
 
@@ -49,12 +48,14 @@ class AuditLog {
 
   const std::string path_;
   const std::string boot_;  // Random per process: ids stay unique across restarts.
-  absl::Mutex mu_;
-  UniqueFd fd_ ABSL_GUARDED_BY(mu_);
-  std::string prev_hash_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_seq_ ABSL_GUARDED_BY(mu_);
-  off_t size_ ABSL_GUARDED_BY(mu_);  // Bytes of whole records in the file.
-  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  // std::mutex, not absl::Mutex: the system Abseil is not instrumented for ThreadSanitizer.
+  // Everything below is guarded by mu_.
+  std::mutex mu_;
+  UniqueFd fd_;
+  std::string prev_hash_;
+  uint64_t next_seq_;
+  off_t size_;  // Bytes of whole records in the file.
+  bool broken_ = false;
 };
 
 // AuditLogSummary is what VerifyAuditLog found.
