@@ -178,9 +178,10 @@ check "the 65536-byte Ed25519 signature verifies" openssl pkeyutl -verify -pubin
 expect_rpc_error INVALID_ARGUMENT "$CTL" --identity proxy sign --key lab-ed25519 --scheme ed25519 \
   --in "$W/m65537" --out "$W/sig"
 check "the size error names the limit" file_contains "$E2E_ERR" "65536"
-# 5 MiB is over gRPC's default 4 MiB receive limit: refused by the transport.
-expect_rpc_error RESOURCE_EXHAUSTED "$CTL" --identity proxy sign --key lab-ed25519 \
-  --scheme ed25519 --in "$W/m5M" --out "$W/sig"
+# 5 MiB is far over the receive limit (max_message_bytes + 4 KiB): refused by the transport.
+# A long deadline: sanitizer builds move 5 MiB slowly.
+expect_rpc_error RESOURCE_EXHAUSTED "$CTL" --timeout-ms 60000 --identity proxy sign \
+  --key lab-ed25519 --scheme ed25519 --in "$W/m5M" --out "$W/sig"
 check "keyd is still running" kill -0 "$KEYD_PID"
 expect_rc 0 "$CTL" health
 expect_rc 0 sign_as proxy lab-ec256 ecdsa_secp256r1_sha256
