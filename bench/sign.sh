@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/sign.sh: signatures per second through custody-keyd (gRPC, mutual TLS) against direct
 # C_Sign on the same SoftHSM2 token, in one run, at concurrency 1, 16 and 64, for ECDSA P-256
-# and RSA-2048; prints each run and the keyd/direct ratios with p50/p99 latency.
+# and RSA-2048; prints each run and the keyd/direct ratios with p50/p99 latency. Two client
+# styles: one unary Sign call per signature ("keyd"), and BatchingSigner ("batched": natural
+# batching over SignBatch, two calls in flight), which is how a busy proxy signs.
 #
 #   bench/sign.sh [--seconds N] [--build DIR]
 #
@@ -47,28 +49,31 @@ for _ in $(seq 1 200); do
 done
 "$BIN/custodyctl" --identity proxy health >/dev/null
 
-run() { # run MODE KEY SCHEME CONCURRENCY
-  "$BIN/custody-bench-sign" --mode "$1" --key "$2" --scheme "$3" --concurrency "$4" \
-    --seconds "$SECONDS_PER_RUN"
+run() { # run MODE KEY SCHEME CONCURRENCY [extra flags]
+  local mode=$1 key=$2 scheme=$3 conc=$4
+  shift 4
+  "$BIN/custody-bench-sign" --mode "$mode" --key "$key" --scheme "$scheme" --concurrency "$conc" \
+    --seconds "$SECONDS_PER_RUN" "$@"
 }
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
-printf '%-10s %-12s %5s %10s %10s %7s %9s %9s %9s %9s\n' key scheme conc direct/s keyd/s ratio \
-  d_p50_us d_p99_us k_p50_us k_p99_us
+printf '%-8s %-16s %4s %9s %9s %6s %9s %6s %8s %8s %8s %8s %8s %8s\n' key scheme conc \
+  direct/s keyd/s ratio batched/s ratio d_p50us d_p99us k_p50us k_p99us b_p50us b_p99us
 for spec in "lab-ec256 ecdsa_secp256r1_sha256" "lab-rsa2048 rsa_pkcs1_sha256"; do
   set -- $spec
   key=$1 scheme=$2
   for c in 1 16 64; do
     d=$(run direct "$key" "$scheme" "$c")
     k=$(run keyd "$key" "$scheme" "$c")
-    echo "$d" >>"$TMP/raw.txt"
-    echo "$k" >>"$TMP/raw.txt"
-    dr=$(field ops_per_s "$d") kr=$(field ops_per_s "$k")
-    ratio=$(awk -v a="$kr" -v b="$dr" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-    printf '%-10s %-12s %5s %10s %10s %7s %9s %9s %9s %9s\n' "${key#lab-}" "${scheme%%_sha*}" "$c" \
-      "$dr" "$kr" "$ratio" "$(field p50_us "$d")" "$(field p99_us "$d")" \
-      "$(field p50_us "$k")" "$(field p99_us "$k")"
-    for line in "$d" "$k"; do
+    b=$(run keyd "$key" "$scheme" "$c" --batch-in-flight 2)
+    printf '%s\n%s\n%s (batched)\n' "$d" "$k" "$b" >>"$TMP/raw.txt"
+    dr=$(field ops_per_s "$d") kr=$(field ops_per_s "$k") br=$(field ops_per_s "$b")
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+    printf '%-8s %-16s %4s %9s %9s %6s %9s %6s %8s %8s %8s %8s %8s %8s\n' "${key#lab-}" \
+      "${scheme%_sha*}" "$c" "$dr" "$kr" "$(ratio "$kr" "$dr")" "$br" "$(ratio "$br" "$dr")" \
+      "$(field p50_us "$d")" "$(field p99_us "$d")" "$(field p50_us "$k")" \
+      "$(field p99_us "$k")" "$(field p50_us "$b")" "$(field p99_us "$b")"
+    for line in "$d" "$k" "$b"; do
       errors=$(field errors "$line")
       [ "${errors:-0}" = 0 ] || echo "WARNING: $errors errors in: $line" >&2
     done

@@ -5,7 +5,6 @@
 // Output: one line per run, "mode=... key=... concurrency=... ops=... seconds=... ops_per_s=...
 // p50_us=... p99_us=...", for the script to turn into ratios.
 #include <CLI/CLI.hpp>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -21,6 +20,7 @@
 #include "hsm/pkcs11.h"
 #include "hsm/signature_scheme.h"
 #include "hsm/token_objects.h"
+#include "keyservice/batching_signer.h"
 #include "keyservice/client.h"
 
 namespace {
@@ -37,7 +37,9 @@ struct Options {
   std::string module;
   std::string token = "custody-lab";
   std::string pin_file;
-  bool health = false;  // keyd mode: call the health check instead of Sign (transport cost).
+  bool health = false;      // keyd mode: call the health check instead of Sign (transport cost).
+  int connections = 1;      // keyd mode: TCP connections the calls are spread over.
+  int batch_in_flight = 0;  // keyd mode: >0 sends through BatchingSigner with this many calls.
 };
 
 struct Result {
@@ -57,11 +59,11 @@ void Report(const Options& o, Result& r) {
                                    static_cast<std::size_t>(p * r.latencies_us.size()))];
   };
   std::printf(
-      "mode=%s key=%s scheme=%s concurrency=%d ops=%llu errors=%llu seconds=%.3f "
+      "mode=%s key=%s scheme=%s concurrency=%d connections=%d ops=%llu errors=%llu seconds=%.3f "
       "ops_per_s=%.1f p50_us=%.1f p99_us=%.1f\n",
-      o.mode.c_str(), o.key.c_str(), o.scheme.c_str(), o.concurrency,
-      static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.errors),
-      r.seconds, r.seconds > 0 ? r.ops / r.seconds : 0.0, pct(0.50), pct(0.99));
+      o.mode.c_str(), o.key.c_str(), o.scheme.c_str(), o.concurrency, o.connections,
+      static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.errors), r.seconds,
+      r.seconds > 0 ? r.ops / r.seconds : 0.0, pct(0.50), pct(0.99));
 }
 
 // MeasureWindow lets the load warm up, then opens `measuring` for the measured time, then asks
@@ -116,14 +118,13 @@ int RunDirect(const Options& o, const custody::hsm::SchemeInfo& scheme,
       std::string id = custody::hsm::MakeKeyId(o.key, 1);
       CK_RV rv = fn->C_OpenSession(*slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s);
       if (rv == CKR_OK) {
-        rv = fn->C_Login(s, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin->data()),
-                         pin->size());
+        rv = fn->C_Login(s, CKU_USER, reinterpret_cast<CK_UTF8CHAR_PTR>(pin->data()), pin->size());
         rv = rv == CKR_USER_ALREADY_LOGGED_IN ? CKR_OK : rv;
       }
-      auto keys = rv == CKR_OK ? custody::hsm::FindObjects(fn, s,
-                                                           {{CKA_CLASS, &cls, sizeof(cls)},
-                                                            {CKA_ID, id.data(), id.size()}})
-                               : custody::hsm::RvToStatus(rv, "session");
+      auto keys = rv == CKR_OK
+                      ? custody::hsm::FindObjects(
+                            fn, s, {{CKA_CLASS, &cls, sizeof(cls)}, {CKA_ID, id.data(), id.size()}})
+                      : custody::hsm::RvToStatus(rv, "session");
       if (!keys.ok() || keys->empty()) {
         std::fprintf(stderr, "key %s: %s\n", id.c_str(),
                      keys.ok() ? "not found" : keys.status().ToString().c_str());
@@ -172,12 +173,17 @@ int RunKeyd(const Options& o, const custody::hsm::SchemeInfo& scheme,
     std::fprintf(stderr, "%s\n", settings.status().ToString().c_str());
     return 2;
   }
-  auto channel = custody::keyservice::MakeChannel(*settings);
-  if (!channel.ok()) {
-    std::fprintf(stderr, "%s\n", channel.status().ToString().c_str());
-    return 2;
+  std::vector<std::unique_ptr<custody::v1::KeyService::Stub>> stubs;
+  std::vector<std::unique_ptr<grpc::health::v1::Health::Stub>> health_stubs;
+  for (int i = 0; i < o.connections; ++i) {
+    auto channel = custody::keyservice::MakeChannel(*settings, i);
+    if (!channel.ok()) {
+      std::fprintf(stderr, "%s\n", channel.status().ToString().c_str());
+      return 2;
+    }
+    stubs.push_back(custody::v1::KeyService::NewStub(*channel));
+    health_stubs.push_back(grpc::health::v1::Health::NewStub(*channel));
   }
-  auto stub = custody::v1::KeyService::NewStub(*channel);
   custody::v1::SignRequest req;
   req.set_key_name(o.key);
   req.set_scheme(static_cast<custody::v1::SignatureScheme>(scheme.scheme));
@@ -190,8 +196,17 @@ int RunKeyd(const Options& o, const custody::hsm::SchemeInfo& scheme,
   int outstanding = 0;
   Result total;
 
-  auto health_stub = grpc::health::v1::Health::NewStub(*channel);
   grpc::health::v1::HealthCheckRequest health_req;
+  std::atomic<uint64_t> next_call{0};
+  std::unique_ptr<custody::keyservice::BatchingSigner> batcher;
+  if (o.batch_in_flight > 0) {
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
+    for (int i = 0; i < o.connections; ++i) {
+      channels.push_back(*custody::keyservice::MakeChannel(*settings, i));
+    }
+    batcher = std::make_unique<custody::keyservice::BatchingSigner>(channels, o.batch_in_flight,
+                                                                    absl::Seconds(10));
+  }
   struct Call {
     grpc::ClientContext ctx;
     custody::v1::SignResponse resp;
@@ -226,10 +241,15 @@ int RunKeyd(const Options& o, const custody::hsm::SchemeInfo& scheme,
         issue();
       }
     };
-    if (o.health) {
-      health_stub->async()->Check(&call->ctx, &health_req, &call->health_resp, on_done);
+    const std::size_t c = next_call++ % stubs.size();
+    if (batcher != nullptr) {
+      batcher->Sign(req, [on_done](const grpc::Status& st, const custody::v1::SignResponse&) {
+        on_done(st);
+      });
+    } else if (o.health) {
+      health_stubs[c]->async()->Check(&call->ctx, &health_req, &call->health_resp, on_done);
     } else {
-      stub->async()->Sign(&call->ctx, &req, &call->resp, on_done);
+      stubs[c]->async()->Sign(&call->ctx, &req, &call->resp, on_done);
     }
   };
   {
@@ -261,6 +281,12 @@ int main(int argc, char** argv) {
   app.add_option("--token", o.token, "token label (direct)")->capture_default_str();
   app.add_option("--pin-file", o.pin_file, "PIN file (direct) [CUSTODY_PIN_FILE]");
   app.add_flag("--health", o.health, "keyd mode: health checks instead of signatures");
+  app.add_option("--connections", o.connections, "keyd mode: connections to spread calls over")
+      ->check(CLI::Range(1, 64));
+  app.add_option("--batch-in-flight", o.batch_in_flight,
+                 "keyd mode: sign through BatchingSigner with this many calls in flight (0: "
+                 "one unary Sign call per signature)")
+      ->check(CLI::Range(0, 64));
   CLI11_PARSE(app, argc, argv);
   if (o.module.empty() && std::getenv("CUSTODY_PKCS11_MODULE") != nullptr) {
     o.module = std::getenv("CUSTODY_PKCS11_MODULE");
@@ -275,8 +301,8 @@ int main(int argc, char** argv) {
   }
   const std::string message = "custody benchmark message";
   auto digest = custody::hsm::Hash(
-      scheme->hash, absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(message.data()),
-                                        message.size()));
+      scheme->hash,
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(message.data()), message.size()));
   if (!digest.ok()) {
     std::fprintf(stderr, "%s\n", digest.status().ToString().c_str());
     return 2;

@@ -20,9 +20,9 @@ namespace custody {
 template <typename T>
 struct OsslDeleter;
 
-#define CUSTODY_OSSL_DELETER_(type, free_fn)              \
-  template <>                                             \
-  struct OsslDeleter<type> {                              \
+#define CUSTODY_OSSL_DELETER_(type, free_fn)                \
+  template <>                                               \
+  struct OsslDeleter<type> {                                \
     void operator()(type* p) const noexcept { free_fn(p); } \
   }
 

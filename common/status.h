@@ -10,11 +10,11 @@
 
 // CUSTODY_RETURN_IF_ERROR(expr) returns the status of `expr` from the calling function when it
 // is not OK.
-#define CUSTODY_RETURN_IF_ERROR(expr)                   \
-  do {                                                  \
+#define CUSTODY_RETURN_IF_ERROR(expr)                                   \
+  do {                                                                  \
     if (absl::Status custody_status_ = (expr); !custody_status_.ok()) { \
-      return custody_status_;                           \
-    }                                                   \
+      return custody_status_;                                           \
+    }                                                                   \
   } while (false)
 
 // CUSTODY_ASSIGN_OR_RETURN(lhs, expr) evaluates `expr` (an absl::StatusOr<T>); on error returns

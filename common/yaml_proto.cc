@@ -102,8 +102,7 @@ class YamlToProto {
                        const FieldDescriptor* field, Message* msg, bool repeated) {
     const Reflection* refl = msg->GetReflection();
     if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
-      Message* sub =
-          repeated ? refl->AddMessage(msg, field) : refl->MutableMessage(msg, field);
+      Message* sub = repeated ? refl->AddMessage(msg, field) : refl->MutableMessage(msg, field);
       return FillMessage(node, path, sub);
     }
     if (!node.IsScalar()) {
@@ -127,9 +126,9 @@ class YamlToProto {
       case FieldDescriptor::CPPTYPE_UINT32: {
         uint32_t v = 0;
         if (!absl::SimpleAtoi(text, &v)) {
-          return Error(node, path,
-                       absl::StrCat("expected a whole number from 0 to 4294967295, got '", text,
-                                    "'"));
+          return Error(
+              node, path,
+              absl::StrCat("expected a whole number from 0 to 4294967295, got '", text, "'"));
         }
         repeated ? refl->AddUInt32(msg, field, v) : refl->SetUInt32(msg, field, v);
         return absl::OkStatus();
@@ -198,8 +197,7 @@ absl::Status ParseYamlToProto(const std::string& text, const std::string& source
   try {
     return YamlToProto(source).FillMessage(root, "", out);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ":", e.mark.line + 1, ": ", e.msg));
+    return absl::InvalidArgumentError(absl::StrCat(source, ":", e.mark.line + 1, ": ", e.msg));
   }
 }
 

@@ -8,8 +8,8 @@ absl::StatusOr<SignInput> PrepareSignInput(const SchemeInfo& scheme, bool is_mes
                                            absl::Span<const uint8_t> input,
                                            std::size_t max_message_bytes) {
   if (input.empty()) {
-    return absl::InvalidArgumentError(
-        is_message ? "message is empty" : "digest is empty (set digest or message)");
+    return absl::InvalidArgumentError(is_message ? "message is empty"
+                                                 : "digest is empty (set digest or message)");
   }
   if (scheme.hash == HashAlg::kNone) {
     if (!is_message) {
@@ -35,8 +35,7 @@ absl::StatusOr<SignInput> PrepareSignInput(const SchemeInfo& scheme, bool is_mes
   const std::size_t want = HashLength(scheme.hash);
   if (input.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat("digest is ", input.size(), " bytes; ",
-                                                   scheme.name, " takes a ", want,
-                                                   "-byte digest"));
+                                                   scheme.name, " takes a ", want, "-byte digest"));
   }
   return SignInput{scheme, std::vector<uint8_t>(input.begin(), input.end())};
 }

@@ -20,9 +20,9 @@ struct KeyVersionInfo {
   uint32_t version = 0;
   KeyType type = KeyType::kEcP256;
   uint32_t bits = 0;
-  std::vector<uint8_t> public_key_der;                // SubjectPublicKeyInfo.
+  std::vector<uint8_t> public_key_der;                  // SubjectPublicKeyInfo.
   std::vector<std::vector<uint8_t>> certificate_chain;  // DER, leaf first, no self-signed root.
-  int64_t not_after = 0;                              // Leaf notAfter, Unix seconds; 0 if none.
+  int64_t not_after = 0;                                // Leaf notAfter, Unix seconds; 0 if none.
 };
 
 // SignInput is what is signed: a digest made with the scheme's hash, or, for Ed25519, the
@@ -36,8 +36,7 @@ struct SignInput {
 // a digest of the right length as is, a message hashed with the scheme's hash, or the message
 // for Ed25519 (which signs messages, not digests). INVALID_ARGUMENT for a digest of the wrong
 // length, a digest for Ed25519, an empty input, or a message over `max_message_bytes`.
-[[nodiscard]] absl::StatusOr<SignInput> PrepareSignInput(const SchemeInfo& scheme,
-                                                         bool is_message,
+[[nodiscard]] absl::StatusOr<SignInput> PrepareSignInput(const SchemeInfo& scheme, bool is_message,
                                                          absl::Span<const uint8_t> input,
                                                          std::size_t max_message_bytes);
 

@@ -167,8 +167,8 @@ absl::StatusOr<CK_SLOT_ID> Pkcs11Module::FindSlotByTokenLabel(const std::string&
     seen.push_back(absl::StrCat("'", token_label, "'"));
   }
   return absl::NotFoundError(absl::StrCat(
-      "no token labelled '", label, "'; tokens present: ",
-      seen.empty() ? std::string("none") : absl::StrJoin(seen, ", ")));
+      "no token labelled '", label,
+      "'; tokens present: ", seen.empty() ? std::string("none") : absl::StrJoin(seen, ", ")));
 }
 
 }  // namespace custody::hsm

@@ -75,8 +75,7 @@ std::size_t SignatureSize(KeyType type, uint32_t bits) {
 }
 
 // ReadCertificates reads every X.509 certificate object of the token.
-absl::StatusOr<std::vector<TokenCert>> ReadCertificates(CK_FUNCTION_LIST* fn,
-                                                        CK_SESSION_HANDLE s) {
+absl::StatusOr<std::vector<TokenCert>> ReadCertificates(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE s) {
   CK_OBJECT_CLASS cert_class = CKO_CERTIFICATE;
   CUSTODY_ASSIGN_OR_RETURN(const std::vector<CK_OBJECT_HANDLE> handles,
                            FindObjects(fn, s, {{CKA_CLASS, &cert_class, sizeof(cert_class)}}));
@@ -119,8 +118,10 @@ absl::StatusOr<std::optional<KeyObject>> ReadKeyObject(CK_FUNCTION_LIST* fn, CK_
   }
   key.version = *version;
   bool protected_key = true;
-  for (const auto& [attr, want] : {std::pair{CKA_SENSITIVE, true}, {CKA_ALWAYS_SENSITIVE, true},
-                                  {CKA_EXTRACTABLE, false}, {CKA_NEVER_EXTRACTABLE, true}}) {
+  for (const auto& [attr, want] : {std::pair{CKA_SENSITIVE, true},
+                                   {CKA_ALWAYS_SENSITIVE, true},
+                                   {CKA_EXTRACTABLE, false},
+                                   {CKA_NEVER_EXTRACTABLE, true}}) {
     CUSTODY_ASSIGN_OR_RETURN(const bool value, GetBool(fn, s, h, attr));
     protected_key = protected_key && value == want;
   }
@@ -139,10 +140,10 @@ absl::StatusOr<PublicKey> ReadPublicHalf(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE
                                          const KeyObject& key, const TokenCert* leaf) {
   CK_OBJECT_CLASS pub_class = CKO_PUBLIC_KEY;
   std::string id = key.id;
-  CUSTODY_ASSIGN_OR_RETURN(const std::vector<CK_OBJECT_HANDLE> pubs,
-                           FindObjects(fn, s,
-                                       {{CKA_CLASS, &pub_class, sizeof(pub_class)},
-                                        {CKA_ID, id.data(), id.size()}}));
+  CUSTODY_ASSIGN_OR_RETURN(
+      const std::vector<CK_OBJECT_HANDLE> pubs,
+      FindObjects(fn, s,
+                  {{CKA_CLASS, &pub_class, sizeof(pub_class)}, {CKA_ID, id.data(), id.size()}}));
   if (!pubs.empty()) {
     return ReadPublicKey(fn, s, pubs.front());
   }
@@ -157,10 +158,10 @@ absl::StatusOr<CK_OBJECT_HANDLE> FindPrivateKey(CK_FUNCTION_LIST* fn, CK_SESSION
                                                 const KeyVersionInfo& info) {
   CK_OBJECT_CLASS key_class = CKO_PRIVATE_KEY;
   std::string id = MakeKeyId(info.name, info.version);
-  CUSTODY_ASSIGN_OR_RETURN(const std::vector<CK_OBJECT_HANDLE> keys,
-                           FindObjects(fn, s,
-                                       {{CKA_CLASS, &key_class, sizeof(key_class)},
-                                        {CKA_ID, id.data(), id.size()}}));
+  CUSTODY_ASSIGN_OR_RETURN(
+      const std::vector<CK_OBJECT_HANDLE> keys,
+      FindObjects(fn, s,
+                  {{CKA_CLASS, &key_class, sizeof(key_class)}, {CKA_ID, id.data(), id.size()}}));
   if (keys.empty()) {
     return absl::UnavailableError(absl::StrCat("key object ", id, " is gone from the token"));
   }
@@ -239,9 +240,8 @@ absl::StatusOr<Pkcs11KeyBackend::Inventory> Pkcs11KeyBackend::LoadInventory() {
     inventory[key->name].push_back(std::move(entry));
   }
   for (auto& [name, versions] : inventory) {
-    std::sort(versions.begin(), versions.end(), [](const Entry& a, const Entry& b) {
-      return a.info.version < b.info.version;
-    });
+    std::sort(versions.begin(), versions.end(),
+              [](const Entry& a, const Entry& b) { return a.info.version < b.info.version; });
   }
   lease.MarkBroken(SessionFault::kNone);
   return inventory;
@@ -352,9 +352,9 @@ absl::StatusOr<SignResult> Pkcs11KeyBackend::Sign(const std::string& name, uint3
     for (SignatureScheme s : SchemesForKey(entry.info.type)) {
       can.emplace_back(FindScheme(static_cast<uint16_t>(s))->name);
     }
-    return absl::InvalidArgumentError(absl::StrCat(
-        "scheme ", input.scheme.name, " does not suit key '", name, "' (",
-        KeyTypeName(entry.info.type), "); it signs with: ", absl::StrJoin(can, ", ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheme ", input.scheme.name, " does not suit key '", name, "' (",
+                     KeyTypeName(entry.info.type), "); it signs with: ", absl::StrJoin(can, ", ")));
   }
   // One recovery, then the error stands: after any session fault the retry runs on a fresh,
   // logged-in session and looks the key object up again (its handle may be stale).
@@ -366,8 +366,8 @@ absl::StatusOr<SignResult> Pkcs11KeyBackend::Sign(const std::string& name, uint3
           FindPrivateKey(pool_->module()->fn(), lease.get(), entry.info);
       if (!handle.ok()) {
         lease.MarkBroken(SessionFault::kLoginLost);
-        return absl::UnavailableError(absl::StrCat("HSM recovery failed for '", name,
-                                                   "': ", handle.status().message()));
+        return absl::UnavailableError(
+            absl::StrCat("HSM recovery failed for '", name, "': ", handle.status().message()));
       }
       entry.private_key->store(*handle);
     }
@@ -388,11 +388,11 @@ absl::StatusOr<SignResult> Pkcs11KeyBackend::Sign(const std::string& name, uint3
       return RvToStatus(rv, "C_Sign");
     }
     lease.MarkBroken(fault);
-    spdlog::warn("hsm: signing with {} v{} failed with {}{}", name, entry.info.version,
-                 RvName(rv), attempt == 0 ? "; recovering once" : "");
+    spdlog::warn("hsm: signing with {} v{} failed with {}{}", name, entry.info.version, RvName(rv),
+                 attempt == 0 ? "; recovering once" : "");
   }
-  return absl::UnavailableError(absl::StrCat("HSM failed twice signing with '", name,
-                                             "': ", RvName(rv)));
+  return absl::UnavailableError(
+      absl::StrCat("HSM failed twice signing with '", name, "': ", RvName(rv)));
 }
 
 absl::Status Pkcs11KeyBackend::SimulateTokenReset() {

@@ -8,10 +8,9 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
-
-#include <mutex>
 
 #include "hsm/key_backend.h"
 #include "hsm/pkcs11.h"
@@ -46,8 +45,8 @@ class Pkcs11KeyBackend final : public KeyBackend {
 
   std::vector<KeyVersionInfo> ListKeys() const override;
   bool HasKey(const std::string& name) const override;
-  absl::StatusOr<SignResult> Sign(const std::string& name, uint32_t version,
-                                  const SignInput& input, absl::Time deadline) override;
+  absl::StatusOr<SignResult> Sign(const std::string& name, uint32_t version, const SignInput& input,
+                                  absl::Time deadline) override;
   absl::Status Refresh() override;
   // SimulateTokenReset calls C_CloseAllSessions on the slot behind the pool's back, as a token
   // reset would: pooled handles become invalid, the login is lost, object handles go stale.
@@ -57,7 +56,7 @@ class Pkcs11KeyBackend final : public KeyBackend {
   // ReadKeyAttributes reads the protection attributes of a key's private object (for audits
   // and tests).
   [[nodiscard]] absl::StatusOr<KeyObjectAttributes> ReadKeyAttributes(const std::string& name,
-                                                                       uint32_t version);
+                                                                      uint32_t version);
 
   SessionPool& sessions() { return *pool_; }
 

@@ -94,9 +94,9 @@ absl::Status SessionPool::RunQuiescent(absl::Time deadline, absl::FunctionRef<CK
   ++quiescing_;  // New Acquire calls wait, so the sessions lent out can only come back.
   const bool quiet_in_time = changed_.wait_until(lock, absl::ToChronoTime(deadline),
                                                  [this] { return open_ == idle_.size(); });
-  absl::Status status = quiet_in_time ? RvToStatus(fn(), what)
-                                      : absl::DeadlineExceededError(
-                                            "HSM sessions stayed in use until the deadline");
+  absl::Status status =
+      quiet_in_time ? RvToStatus(fn(), what)
+                    : absl::DeadlineExceededError("HSM sessions stayed in use until the deadline");
   --quiescing_;
   changed_.notify_all();
   return status;
@@ -108,7 +108,8 @@ void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, Session
     std::lock_guard<std::mutex> lock(mu_);
     changed_.notify_all();  // Takes effect when the lock is released, whatever path follows.
     const bool current = generation == generation_;
-    const bool token_wide = fault == SessionFault::kSessionsGone || fault == SessionFault::kLoginLost;
+    const bool token_wide =
+        fault == SessionFault::kSessionsGone || fault == SessionFault::kLoginLost;
     if (current && !token_wide && fault != SessionFault::kSessionOnly) {
       idle_.push_back({handle, generation});
       return;
@@ -127,9 +128,10 @@ void SessionPool::Release(CK_SESSION_HANDLE handle, uint64_t generation, Session
       if (may_close) {
         to_close.insert(to_close.end(), idle.begin(), idle.end());
       }
-      spdlog::warn("hsm: the token dropped its sessions or login; retiring {} session(s), the "
-                   "next use opens one and logs in anew",
-                   idle.size() + 1);
+      spdlog::warn(
+          "hsm: the token dropped its sessions or login; retiring {} session(s), the "
+          "next use opens one and logs in anew",
+          idle.size() + 1);
     }
   }
   for (CK_SESSION_HANDLE h : to_close) {

@@ -4,8 +4,8 @@
 
 #include <condition_variable>
 #include <cstddef>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -55,7 +55,6 @@ class SessionPool {
   // (DEADLINE_EXCEEDED after that). Opening or logging in may fail with the token's status.
   // Thread-safe.
   [[nodiscard]] absl::StatusOr<Lease> Acquire(absl::Time deadline);
-
 
   // RunQuiescent runs `fn` once no session is lent out, holding every other caller off while it
   // runs (waits until `deadline`, then DEADLINE_EXCEEDED). For drills that must not race the

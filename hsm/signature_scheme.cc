@@ -22,12 +22,9 @@ constexpr std::array<SchemeInfo, 10> kSchemes = {{
      HashAlg::kSha384},
     {SignatureScheme::kRsaPssRsaeSha512, "rsa_pss_rsae_sha512", SignFamily::kRsaPss,
      HashAlg::kSha512},
-    {SignatureScheme::kRsaPkcs1Sha256, "rsa_pkcs1_sha256", SignFamily::kRsaPkcs1,
-     HashAlg::kSha256},
-    {SignatureScheme::kRsaPkcs1Sha384, "rsa_pkcs1_sha384", SignFamily::kRsaPkcs1,
-     HashAlg::kSha384},
-    {SignatureScheme::kRsaPkcs1Sha512, "rsa_pkcs1_sha512", SignFamily::kRsaPkcs1,
-     HashAlg::kSha512},
+    {SignatureScheme::kRsaPkcs1Sha256, "rsa_pkcs1_sha256", SignFamily::kRsaPkcs1, HashAlg::kSha256},
+    {SignatureScheme::kRsaPkcs1Sha384, "rsa_pkcs1_sha384", SignFamily::kRsaPkcs1, HashAlg::kSha384},
+    {SignatureScheme::kRsaPkcs1Sha512, "rsa_pkcs1_sha512", SignFamily::kRsaPkcs1, HashAlg::kSha512},
     {SignatureScheme::kEd25519, "ed25519", SignFamily::kEd25519, HashAlg::kNone},
 }};
 

@@ -18,8 +18,8 @@ const std::vector<uint8_t> kP256Oid = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
 const std::vector<uint8_t> kP384Oid = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
 const std::vector<uint8_t> kP521Oid = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23};
 const std::vector<uint8_t> kEd25519Oid = {0x06, 0x03, 0x2b, 0x65, 0x70};
-const std::vector<uint8_t> kEd25519Name = {0x13, 0x0c, 'e', 'd', 'w', 'a', 'r', 'd',
-                                           's',  '2',  '5', '5', '1', '9'};
+const std::vector<uint8_t> kEd25519Name = {0x13, 0x0c, 'e', 'd', 'w', 'a', 'r',
+                                           'd',  's',  '2', '5', '5', '1', '9'};
 
 absl::StatusOr<std::vector<uint8_t>> SpkiOf(EVP_PKEY* pkey) {
   const int len = i2d_PUBKEY(pkey, nullptr);
@@ -104,8 +104,7 @@ absl::StatusOr<PublicKey> PublicKeyFromPkey(EVP_PKEY* pkey) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(CK_FUNCTION_LIST* fn,
-                                                          CK_SESSION_HANDLE s,
+absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE s,
                                                           std::vector<CK_ATTRIBUTE> tmpl) {
   CK_RV rv = fn->C_FindObjectsInit(s, tmpl.data(), tmpl.size());
   if (rv != CKR_OK) {
@@ -166,8 +165,8 @@ absl::StatusOr<bool> GetBool(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE s, CK_OBJEC
   return (*v)[0] != CK_FALSE;
 }
 
-absl::StatusOr<CK_ULONG> GetUlong(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE s,
-                                  CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type) {
+absl::StatusOr<CK_ULONG> GetUlong(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj,
+                                  CK_ATTRIBUTE_TYPE type) {
   auto v = GetAttribute(fn, s, obj, type);
   if (!v.ok()) {
     return v.status();
@@ -223,8 +222,8 @@ absl::StatusOr<PublicKey> ReadPublicKey(CK_FUNCTION_LIST* fn, CK_SESSION_HANDLE 
     return PublicKeyFromPkey(pkey->get());
   }
   if (*key_type != CKK_EC && *key_type != CKK_EC_EDWARDS) {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported CKA_KEY_TYPE 0x",
-                                                   absl::Hex(*key_type)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unsupported CKA_KEY_TYPE 0x", absl::Hex(*key_type)));
   }
   auto params = GetAttribute(fn, s, obj, CKA_EC_PARAMS);
   auto point = GetAttribute(fn, s, obj, CKA_EC_POINT);

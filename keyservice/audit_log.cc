@@ -46,8 +46,7 @@ std::optional<std::string> PrevOf(const std::string& line) {
 std::string Sha256Hex(const std::string& data) {
   unsigned char md[SHA256_DIGEST_LENGTH];
   SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), md);
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(md), sizeof(md)));
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(md), sizeof(md)));
 }
 
 std::string JsonQuote(const std::string& s) {
@@ -95,9 +94,9 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path
   if (::access(path.c_str(), F_OK) == 0) {
     auto verified = VerifyAuditLog(path);
     if (!verified.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "audit log ", path, " does not verify (", verified.status().message(),
-          "); keep it as evidence, and start a new log at another path"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("audit log ", path, " does not verify (", verified.status().message(),
+                       "); keep it as evidence, and start a new log at another path"));
     }
     summary = *std::move(verified);
   }
@@ -113,18 +112,18 @@ absl::StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(const std::string& path
   }
   std::string boot = absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(nonce), sizeof(nonce)));
-  return std::unique_ptr<AuditLog>(new AuditLog(path, UniqueFd(fd), summary.last_hash,
-                                                summary.records + 1, std::move(boot),
-                                                summary.bytes));
+  return std::unique_ptr<AuditLog>(new AuditLog(
+      path, UniqueFd(fd), summary.last_hash, summary.records + 1, std::move(boot), summary.bytes));
 }
 
 absl::StatusOr<std::string> AuditLog::Append(const AuditRecord& r) {
-  const std::string time = absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone());
+  const std::string time =
+      absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone());
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t seq = next_seq_;
   const std::string id = absl::StrCat(boot_, "-", seq);
-  std::string line = absl::StrCat("{\"seq\":", seq, ",\"id\":", JsonQuote(id),
-                                  ",\"time\":", JsonQuote(time));
+  std::string line =
+      absl::StrCat("{\"seq\":", seq, ",\"id\":", JsonQuote(id), ",\"time\":", JsonQuote(time));
   auto add = [&line](const char* name, const std::string& value) {
     if (!value.empty()) {
       absl::StrAppend(&line, ",\"", name, "\":", JsonQuote(value));
@@ -185,8 +184,8 @@ absl::StatusOr<AuditLogSummary> VerifyAuditLog(const std::string& path) {
     }
     const std::string want_seq = absl::StrCat("{\"seq\":", line_no, ",");
     if (line.compare(0, want_seq.size(), want_seq) != 0) {
-      return absl::DataLossError(absl::StrCat(path, ":", line_no, ": sequence number is not ",
-                                              line_no));
+      return absl::DataLossError(
+          absl::StrCat(path, ":", line_no, ": sequence number is not ", line_no));
     }
     summary.last_hash = Sha256Hex(line);
     summary.bytes += static_cast<off_t>(line.size() + 1);

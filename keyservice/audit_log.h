@@ -17,14 +17,14 @@ namespace custody::keyservice {
 
 // AuditRecord is one event. Empty strings and zero numbers are left out of the line.
 struct AuditRecord {
-  std::string caller;   // Identity from the client certificate ("" when there was none).
-  std::string peer;     // Transport address of the caller.
-  std::string action;   // "sign", "get_key", "list_keys", "test_hook", ...
-  std::string key;      // Key name.
+  std::string caller;    // Identity from the client certificate ("" when there was none).
+  std::string peer;      // Transport address of the caller.
+  std::string action;    // "sign", "get_key", "list_keys", "test_hook", ...
+  std::string key;       // Key name.
   uint32_t version = 0;  // Key version used (sign) or asked for.
-  std::string scheme;   // TLS signature scheme name.
-  std::string outcome;  // Status code name: "OK", "PERMISSION_DENIED", ...
-  std::string detail;   // Why it was refused; never secret.
+  std::string scheme;    // TLS signature scheme name.
+  std::string outcome;   // Status code name: "OK", "PERMISSION_DENIED", ...
+  std::string detail;    // Why it was refused; never secret.
   int64_t latency_us = 0;
 };
 

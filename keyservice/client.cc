@@ -16,9 +16,9 @@ absl::Status FillFromEnv(std::string& field, const std::string& var, const std::
   }
   const char* value = std::getenv(var.c_str());
   if (value == nullptr || *value == '\0') {
-    return absl::InvalidArgumentError(
-        absl::StrCat("set ", flag, " or the environment variable ", var,
-                     " (source a lab's lab.env to get them all)"));
+    return absl::InvalidArgumentError(absl::StrCat("set ", flag, " or the environment variable ",
+                                                   var,
+                                                   " (source a lab's lab.env to get them all)"));
   }
   field = value;
   return absl::OkStatus();
@@ -38,7 +38,8 @@ absl::StatusOr<ClientSettings> SettingsForIdentity(ClientSettings base,
   return base;
 }
 
-absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientSettings& settings) {
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientSettings& settings,
+                                                           int connection) {
   grpc::SslCredentialsOptions opts;
   CUSTODY_ASSIGN_OR_RETURN(opts.pem_root_certs, ReadFile(settings.ca_file));
   CUSTODY_ASSIGN_OR_RETURN(opts.pem_cert_chain, ReadFile(settings.cert_file));
@@ -47,6 +48,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientSettings&
   // Fail fast rather than queue when the key service is down.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  if (connection != 0) {
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt("custody.connection", connection);
+  }
   return grpc::CreateCustomChannel(settings.address, grpc::SslCredentials(opts), args);
 }
 

@@ -24,8 +24,10 @@ struct ClientSettings {
 [[nodiscard]] absl::StatusOr<ClientSettings> SettingsForIdentity(ClientSettings base,
                                                                  const std::string& identity);
 
-// MakeChannel opens a mutual-TLS channel to the key service (lazily connected).
+// MakeChannel opens a mutual-TLS channel to the key service (lazily connected). Channels with
+// different `connection` numbers use different TCP connections (gRPC otherwise shares one
+// connection among channels to the same address), so a client can spread its load.
 [[nodiscard]] absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
-    const ClientSettings& settings);
+    const ClientSettings& settings, int connection = 0);
 
 }  // namespace custody::keyservice

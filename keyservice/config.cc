@@ -27,8 +27,7 @@ absl::Status RequireReadableFile(const std::string& field, const std::string& pa
   return absl::OkStatus();
 }
 
-absl::Status ValidateListen(const std::string& field, const std::string& addr,
-                            bool loopback_only) {
+absl::Status ValidateListen(const std::string& field, const std::string& addr, bool loopback_only) {
   auto hp = ParseHostPort(addr);
   if (!hp.ok()) {
     return Invalid(field, std::string(hp.status().message()));
@@ -66,8 +65,8 @@ absl::Status ValidateHsm(custody::v1::KeydHsmConfig& hsm) {
     hsm.set_sessions(kDefaultSessions);
   }
   if (hsm.sessions() > kMaxSessions) {
-    return Invalid("hsm.sessions", absl::StrCat(hsm.sessions(), " is over the maximum of ",
-                                                kMaxSessions));
+    return Invalid("hsm.sessions",
+                   absl::StrCat(hsm.sessions(), " is over the maximum of ", kMaxSessions));
   }
   return absl::OkStatus();
 }

@@ -1,12 +1,11 @@
 // custodyctl: the key service from a shell. Every command prints text for people, or JSON with
 // --output json for scripts. Exit status: 0 done, 1 the key service refused or failed (the gRPC
 // code is printed), 2 bad usage or local trouble.
-#include <CLI/CLI.hpp>
-#include <google/protobuf/util/json_util.h>
-
 #include <fcntl.h>
+#include <google/protobuf/util/json_util.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -118,10 +117,11 @@ void PrintKeyText(const custody::v1::Key& key, bool full) {
                 custody::v1::KeyState_Name(v.state()).c_str(),
                 absl::StrJoin(schemes, ", ").c_str());
     if (v.certificate_not_after() != 0) {
-      std::printf("certificate notAfter: %s\n",
-                  absl::FormatTime(absl::RFC3339_sec, absl::FromUnixSeconds(v.certificate_not_after()),
-                                   absl::UTCTimeZone())
-                      .c_str());
+      std::printf(
+          "certificate notAfter: %s\n",
+          absl::FormatTime(absl::RFC3339_sec, absl::FromUnixSeconds(v.certificate_not_after()),
+                           absl::UTCTimeZone())
+              .c_str());
     }
     std::printf("%s%s", v.public_key_pem().c_str(), v.certificate_chain_pem().c_str());
   }
@@ -180,8 +180,8 @@ int Sign(const Globals& g, const SignArgs& a) {
     for (const auto& s : custody::hsm::AllSchemes()) {
       names.emplace_back(s.name);
     }
-    return Fail(absl::StrCat("unknown scheme '", a.scheme, "'; use one of ",
-                             absl::StrJoin(names, ", ")));
+    return Fail(
+        absl::StrCat("unknown scheme '", a.scheme, "'; use one of ", absl::StrJoin(names, ", ")));
   }
   auto data = custody::ReadFile(a.in);
   if (!data.ok()) {
@@ -215,11 +215,13 @@ int Sign(const Globals& g, const SignArgs& a) {
   }
   custody::v1::SignResponse resp;
   grpc::Status st;
-  if (int rc = WithChannel(g, [&](const std::shared_ptr<grpc::Channel>& channel) {
-        auto ctx = Context(g);
-        st = custody::v1::KeyService::NewStub(channel)->Sign(ctx.get(), req, &resp);
-        return 0;
-      });
+  if (int rc = WithChannel(g,
+                           [&](const std::shared_ptr<grpc::Channel>& channel) {
+                             auto ctx = Context(g);
+                             st = custody::v1::KeyService::NewStub(channel)->Sign(ctx.get(), req,
+                                                                                  &resp);
+                             return 0;
+                           });
       rc != 0) {
     if (!existed) {
       ::unlink(a.out.c_str());
@@ -263,8 +265,8 @@ int Health(const Globals& g, const std::shared_ptr<grpc::Channel>& channel,
   if (!st.ok()) {
     return RpcFail(st);
   }
-  const std::string status = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(
-      resp.status());
+  const std::string status =
+      grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
   if (g.output == "json") {
     std::printf("{\"status\":\"%s\"}\n", status.c_str());
   } else {
@@ -303,8 +305,9 @@ int CloseSessions(const Globals& g, const std::shared_ptr<grpc::Channel>& channe
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"custodyctl: talk to custody-keyd (connection settings default to lab.env "
-               "variables: CUSTODY_KEYD_ADDR, CUSTODY_CA, CUSTODY_<IDENTITY>_CERT/_KEY)"};
+  CLI::App app{
+      "custodyctl: talk to custody-keyd (connection settings default to lab.env "
+      "variables: CUSTODY_KEYD_ADDR, CUSTODY_CA, CUSTODY_<IDENTITY>_CERT/_KEY)"};
   app.require_subcommand(1);
   Globals g;
   const char* env_identity = std::getenv("CUSTODY_IDENTITY");
@@ -359,8 +362,8 @@ int main(int argc, char** argv) {
     rc = audit_path.empty() ? Fail("give the audit log path") : AuditVerify(g, audit_path);
   });
 
-  auto* testing = app.add_subcommand("testing", "test hooks (keyd --enable-test-hooks)")
-                      ->require_subcommand(1);
+  auto* testing =
+      app.add_subcommand("testing", "test hooks (keyd --enable-test-hooks)")->require_subcommand(1);
   testing->add_subcommand("close-sessions", "close every HSM session under the key service")
       ->callback(
           [&] { rc = WithChannel(g, [&](const auto& ch) { return CloseSessions(g, ch); }); });

@@ -22,11 +22,11 @@ std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(co
 // ValidKeyName: 1 to 128 characters from A-Z a-z 0-9 . _ - (what key names are made of), so a
 // caller cannot push megabytes or control characters into the audit log, the log or metrics.
 absl::Status CheckKeyName(const std::string& name) {
-  const bool ok = !name.empty() && name.size() <= 128 &&
-                  std::all_of(name.begin(), name.end(), [](char c) {
-                    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' ||
-                           c == '_' || c == '-';
-                  });
+  const bool ok =
+      !name.empty() && name.size() <= 128 && std::all_of(name.begin(), name.end(), [](char c) {
+        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+               c == '-';
+      });
   if (!ok) {
     return absl::InvalidArgumentError(
         "key_name must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
@@ -95,10 +95,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status, const std::string& request
                           std::string(status.message()));
     default:
       spdlog::error("request={} failed: {}", request_id, status.ToString());
-      return grpc::Status(
-          static_cast<grpc::StatusCode>(status.code()),
-          absl::StrCat("key service could not complete the request (request ", request_id,
-                       "); see its log"));
+      return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                          absl::StrCat("key service could not complete the request (request ",
+                                       request_id, "); see its log"));
   }
 }
 
@@ -157,8 +156,12 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   const auto scheme = scheme_code > 0 && scheme_code <= 0xffff
                           ? hsm::FindScheme(static_cast<uint16_t>(scheme_code))
                           : std::nullopt;
-  AuditRecord record{caller.identity, caller.peer, "sign", name_ok ? request->key_name() : "",
-                     request->version(), scheme ? scheme->name : ""};
+  AuditRecord record{caller.identity,
+                     caller.peer,
+                     "sign",
+                     name_ok ? request->key_name() : "",
+                     request->version(),
+                     scheme ? scheme->name : ""};
 
   absl::StatusOr<hsm::SignResult> result = [&]() -> absl::StatusOr<hsm::SignResult> {
     if (caller.identity.empty()) {
@@ -221,6 +224,28 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
+                                             const custody::v1::SignBatchRequest* request,
+                                             custody::v1::SignBatchResponse* response) {
+  if (request->requests_size() == 0 || request->requests_size() > kMaxSignBatch) {
+    metrics_.RecordRequest("SignBatch", "INVALID_ARGUMENT");
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("a batch holds 1 to ", kMaxSignBatch, " requests, not ",
+                                     request->requests_size()));
+  }
+  for (const custody::v1::SignRequest& one : request->requests()) {
+    custody::v1::SignOutcome* outcome = response->add_outcomes();
+    const grpc::Status st = HandleSign(context, &one, outcome->mutable_response());
+    if (!st.ok()) {
+      outcome->clear_response();
+      outcome->set_code(st.error_code());
+      outcome->set_message(st.error_message());
+    }
+  }
+  metrics_.RecordRequest("SignBatch", "OK");
+  return grpc::Status::OK;
+}
+
 grpc::Status KeyServiceImpl::Refuse(const Caller& caller, const std::string& method,
                                     const std::string& action, const std::string& key,
                                     const absl::Status& status, absl::Time start) {
@@ -243,9 +268,8 @@ grpc::Status KeyServiceImpl::GetKey(grpc::ServerContext* context,
   }
   if (!policy_.MayRead(caller.identity, request->name())) {
     return Refuse(caller, "GetKey", "get_key", request->name(),
-                  absl::PermissionDeniedError(absl::StrCat("identity '", caller.identity,
-                                                           "' may not read key '",
-                                                           request->name(), "'")),
+                  absl::PermissionDeniedError(absl::StrCat(
+                      "identity '", caller.identity, "' may not read key '", request->name(), "'")),
                   start);
   }
   auto keys = Grouped(backend_);
@@ -285,8 +309,8 @@ grpc::Status TestingServiceImpl::CloseAllSessions(
   const Caller caller = CallerOf(*context);
   absl::Status status = policy_.IsAdmin(caller.identity)
                             ? backend_.SimulateTokenReset()
-                            : absl::PermissionDeniedError(absl::StrCat(
-                                  "identity '", caller.identity, "' is not an admin"));
+                            : absl::PermissionDeniedError(
+                                  absl::StrCat("identity '", caller.identity, "' is not an admin"));
   AuditRecord record{caller.identity, caller.peer, "test_hook_close_all_sessions"};
   record.outcome = CodeName(status.code());
   record.detail = std::string(status.message());

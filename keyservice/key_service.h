@@ -13,6 +13,7 @@
 #include "custody/v1/testing.grpc.pb.h"
 #include "hsm/key_backend.h"
 #include "keyservice/audit_log.h"
+#include "keyservice/limits.h"
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
 
@@ -38,10 +39,12 @@ struct ServiceLimits {
 };
 
 // KeyServiceImpl is thread-safe; it borrows everything it is given, which must outlive it.
-// Sign is served asynchronously (by SignWorkers, which call HandleSign on their own threads, so
-// a signature never waits for a thread hop); GetKey and ListKeys by gRPC's sync thread pool.
+// Sign and SignBatch are served asynchronously (by SignWorkers, which call HandleSign and
+// HandleSignBatch on their own threads, so a signature never waits for a thread hop); GetKey
+// and ListKeys by gRPC's sync thread pool.
 class KeyServiceImpl final
-    : public custody::v1::KeyService::WithAsyncMethod_Sign<custody::v1::KeyService::Service> {
+    : public custody::v1::KeyService::WithAsyncMethod_Sign<
+          custody::v1::KeyService::WithAsyncMethod_SignBatch<custody::v1::KeyService::Service>> {
  public:
   KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
                  KeydMetrics& metrics, ServiceLimits limits)
@@ -50,10 +53,14 @@ class KeyServiceImpl final
   // HandleSign serves one Sign call: policy, input checks, the HSM, the audit record.
   grpc::Status HandleSign(grpc::ServerContext* context, const custody::v1::SignRequest* request,
                           custody::v1::SignResponse* response);
+
+  // HandleSignBatch serves a SignBatch call: each request as HandleSign would, in order.
+  grpc::Status HandleSignBatch(grpc::ServerContext* context,
+                               const custody::v1::SignBatchRequest* request,
+                               custody::v1::SignBatchResponse* response);
   grpc::Status GetKey(grpc::ServerContext* context, const custody::v1::GetKeyRequest* request,
                       custody::v1::Key* response) override;
-  grpc::Status ListKeys(grpc::ServerContext* context,
-                        const custody::v1::ListKeysRequest* request,
+  grpc::Status ListKeys(grpc::ServerContext* context, const custody::v1::ListKeysRequest* request,
                         custody::v1::ListKeysResponse* response) override;
 
  private:

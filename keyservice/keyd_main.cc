@@ -1,10 +1,8 @@
 // custody-keyd: the key service. Flags, config, run; everything else lives in the library.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 
 #include "absl/synchronization/mutex.h"
-
 #include "common/log.h"
 #include "keyservice/config.h"
 #include "keyservice/server.h"

@@ -62,15 +62,39 @@ absl::StatusOr<uint16_t> KeydMetrics::Serve(const std::string& listen) {
 }
 
 void KeydMetrics::RecordRequest(const std::string& method, const std::string& code) {
-  requests_.Add({{"method", method}, {"code", code}}).Increment();
+  const std::string id = absl::StrCat(method, absl::string_view("\0", 1), code);
+  prometheus::Counter* counter = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto [it, fresh] = request_series_.try_emplace(id, nullptr);
+    if (fresh) {
+      it->second = &requests_.Add({{"method", method}, {"code", code}});
+    }
+    counter = it->second;
+  }
+  counter->Increment();
 }
 
 void KeydMetrics::RecordSign(const std::string& key, const std::string& scheme,
                              const std::string& code, double seconds) {
-  signatures_.Add({{"key", key}, {"scheme", scheme}, {"code", code}}).Increment();
-  if (code == "OK") {
-    static const auto kBuckets = LatencyBuckets();
-    sign_duration_.Add({{"key", key}, {"scheme", scheme}}, kBuckets).Observe(seconds);
+  const std::string id =
+      absl::StrCat(key, absl::string_view("\0", 1), scheme, absl::string_view("\0", 1), code);
+  SignSeries series{};
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto [it, fresh] = sign_series_.try_emplace(id, SignSeries{});
+    if (fresh) {
+      static const auto kBuckets = LatencyBuckets();
+      it->second.signatures = &signatures_.Add({{"key", key}, {"scheme", scheme}, {"code", code}});
+      it->second.duration = code == "OK"
+                                ? &sign_duration_.Add({{"key", key}, {"scheme", scheme}}, kBuckets)
+                                : nullptr;
+    }
+    series = it->second;
+  }
+  series.signatures->Increment();
+  if (series.duration != nullptr) {
+    series.duration->Observe(seconds);
   }
 }
 

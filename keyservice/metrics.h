@@ -16,7 +16,9 @@
 #include <prometheus/registry.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "absl/status/statusor.h"
 
@@ -49,6 +51,16 @@ class KeydMetrics {
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& not_after_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+
+  // Series already made, by their label values joined with '\0': Family::Add builds a label
+  // map and hashes it on every call, which the signing path should not pay.
+  struct SignSeries {
+    prometheus::Counter* signatures;
+    prometheus::Histogram* duration;  // Null unless code is OK.
+  };
+  std::mutex cache_mu_;  // Guards the two maps below.
+  std::unordered_map<std::string, prometheus::Counter*> request_series_;
+  std::unordered_map<std::string, SignSeries> sign_series_;
 };
 
 }  // namespace custody::keyservice

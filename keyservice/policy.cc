@@ -38,8 +38,8 @@ absl::StatusOr<Policy> Policy::Build(
           absl::StrCat(where, ".identity': required (the CN of the caller's certificate)"));
     }
     if (policy.grants_.count(rule.identity()) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ".identity': '", rule.identity(), "' has another rule; merge them into one"));
+      return absl::InvalidArgumentError(absl::StrCat(where, ".identity': '", rule.identity(),
+                                                     "' has another rule; merge them into one"));
     }
     Grants g;
     for (const auto& list : {&rule.sign(), &rule.read()}) {

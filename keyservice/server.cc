@@ -57,8 +57,8 @@ void BlockTerminationSignals() {
 absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& options) {
   CUSTODY_ASSIGN_OR_RETURN(const Policy policy, Policy::Build(config.policy()));
   CUSTODY_ASSIGN_OR_RETURN(std::string pin, ReadSecretFile(config.hsm().pin_file()));
-  hsm::Pkcs11Options hsm_options{config.hsm().module(), config.hsm().token_label(),
-                                 std::move(pin), config.hsm().sessions()};
+  hsm::Pkcs11Options hsm_options{config.hsm().module(), config.hsm().token_label(), std::move(pin),
+                                 config.hsm().sessions()};
   CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Pkcs11KeyBackend> backend,
                            hsm::Pkcs11KeyBackend::Open(hsm_options));
   CUSTODY_ASSIGN_OR_RETURN(std::unique_ptr<AuditLog> audit, AuditLog::Open(config.audit().path()));
@@ -109,9 +109,10 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   SignWorkers sign_workers(key_service, std::move(sign_queues));
   sign_workers.Start();
   server->GetHealthCheckService()->SetServingStatus("custody.v1.KeyService", true);
-  spdlog::info("custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
-               "audit log {}",
-               config.listen(), port, config.hsm().sessions(), config.audit().path());
+  spdlog::info(
+      "custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
+      "audit log {}",
+      config.listen(), port, config.hsm().sessions(), config.audit().path());
 
   sigset_t set;
   sigemptyset(&set);

@@ -3,18 +3,55 @@
 namespace custody::keyservice {
 namespace {
 
-// SignCall is one Sign RPC from the moment it is requested until its answer is sent.
-struct SignCall {
-  grpc::ServerContext context;
-  custody::v1::SignRequest request;
-  custody::v1::SignResponse response;
-  grpc::ServerAsyncResponseWriter<custody::v1::SignResponse> responder{&context};
+// Call is one asynchronous RPC of the signing path from the moment it is requested until its
+// answer is sent. Owned by its completion queue: deleted on its last event (see Run).
+class Call {
+ public:
+  virtual ~Call() = default;
+  // Serve handles the request and starts sending the answer.
+  virtual void Serve(KeyServiceImpl& service) = 0;
   bool answered = false;
 };
 
-void RequestOne(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue) {
-  auto* call = new SignCall;  // Owned by the queue until its last event (see Run).
-  service.RequestSign(&call->context, &call->request, &call->responder, queue, queue, call);
+// UnaryCall is a Call of one unary method: Request, Response and the service's handler.
+template <typename Request, typename Response>
+class UnaryCall final : public Call {
+ public:
+  using Handler = grpc::Status (KeyServiceImpl::*)(grpc::ServerContext*, const Request*, Response*);
+  explicit UnaryCall(Handler handler) : handler_(handler) {}
+
+  void Serve(KeyServiceImpl& service) override {
+    const grpc::Status status = (service.*handler_)(&context, &request, &response);
+    answered = true;
+    if (status.ok()) {
+      responder.Finish(response, status, this);
+    } else {
+      responder.FinishWithError(status, this);
+    }
+  }
+
+  grpc::ServerContext context;
+  Request request;
+  Response response;
+  grpc::ServerAsyncResponseWriter<Response> responder{&context};
+
+ private:
+  Handler handler_;
+};
+
+using SignCall = UnaryCall<custody::v1::SignRequest, custody::v1::SignResponse>;
+using SignBatchCall = UnaryCall<custody::v1::SignBatchRequest, custody::v1::SignBatchResponse>;
+
+void RequestSign(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue) {
+  auto* call = new SignCall(&KeyServiceImpl::HandleSign);
+  service.RequestSign(&call->context, &call->request, &call->responder, queue, queue,
+                      static_cast<Call*>(call));
+}
+
+void RequestSignBatch(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue) {
+  auto* call = new SignBatchCall(&KeyServiceImpl::HandleSignBatch);
+  service.RequestSignBatch(&call->context, &call->request, &call->responder, queue, queue,
+                           static_cast<Call*>(call));
 }
 
 }  // namespace
@@ -45,27 +82,25 @@ void SignWorkers::Stop() {
 }
 
 void SignWorkers::Run(grpc::ServerCompletionQueue* queue) {
-  RequestOne(service_, queue);
+  RequestSign(service_, queue);
+  RequestSignBatch(service_, queue);
   void* tag = nullptr;
   bool ok = false;
   while (queue->Next(&tag, &ok)) {
-    auto* call = static_cast<SignCall*>(tag);
+    auto* call = static_cast<Call*>(tag);
     if (call->answered || !ok) {
       // The answer went out (or the server is shutting down): the call is over.
       delete call;
       continue;
     }
-    const grpc::Status status = service_.HandleSign(&call->context, &call->request,
-                                                    &call->response);
-    call->answered = true;
-    if (status.ok()) {
-      call->responder.Finish(call->response, status, call);
+    call->Serve(service_);
+    // Ask for the next call of this kind only when free: a call matched to a busy worker
+    // would wait behind its signatures while other workers idle.
+    if (dynamic_cast<SignCall*>(call) != nullptr) {
+      RequestSign(service_, queue);
     } else {
-      call->responder.FinishWithError(status, call);
+      RequestSignBatch(service_, queue);
     }
-    // Ask for the next call only when free: a call matched to a busy worker would wait behind
-    // its signature while other workers idle.
-    RequestOne(service_, queue);
   }
 }
 

@@ -1,8 +1,8 @@
-// SignWorkers: the Sign RPC's threads. Each worker polls its own completion queue and signs
-// inline, so the thread that reads a request off the socket is the one that calls the HSM and
-// writes the answer: no hand-off between threads on the signing path. The number of workers is
-// the number of HSM sessions, which bounds the signatures in flight; further calls wait in gRPC
-// until a worker is free or their deadline passes.
+// SignWorkers: the threads of the signing RPCs (Sign, SignBatch). Each worker polls its own
+// completion queue and signs inline, so the thread that reads a request off the socket is the one
+// that calls the HSM and writes the answer: no hand-off between threads on the signing path. The
+// number of workers is the number of HSM sessions, which bounds the signatures in flight; further
+// calls wait in gRPC until a worker is free or their deadline passes.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

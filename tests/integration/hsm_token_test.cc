@@ -142,9 +142,9 @@ TEST_F(HsmTokenTest, UnknownKeyOrVersionIsNotFound) {
   ASSERT_NE(backend, nullptr);
   auto sig = SignMessage(*backend, "no-such-key", SignatureScheme::kEcdsaSecp256r1Sha256, "m");
   EXPECT_EQ(sig.status().code(), absl::StatusCode::kNotFound);
-  auto input = hsm::PrepareSignInput(*hsm::FindSchemeByName("ecdsa_secp256r1_sha256"), true,
-                                     absl::MakeConstSpan(reinterpret_cast<const uint8_t*>("m"), 1),
-                                     100);
+  auto input =
+      hsm::PrepareSignInput(*hsm::FindSchemeByName("ecdsa_secp256r1_sha256"), true,
+                            absl::MakeConstSpan(reinterpret_cast<const uint8_t*>("m"), 1), 100);
   ASSERT_TRUE(input.ok());
   auto v9 = backend->Sign("lab-ec256", 9, *input, absl::Now() + absl::Seconds(5));
   EXPECT_EQ(v9.status().code(), absl::StatusCode::kNotFound);
@@ -156,14 +156,14 @@ TEST_F(HsmTokenTest, NextSignatureSucceedsAfterTokenDropsEverySession) {
   const std::string spki = SpkiOf(*backend, "lab-ec256");
   for (int round = 0; round < 3; ++round) {
     SCOPED_TRACE(round);
-    ASSERT_TRUE(SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, "a")
-                    .ok());
+    ASSERT_TRUE(
+        SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, "a").ok());
     ASSERT_TRUE(backend->SimulateTokenReset().ok());
     auto sig = SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, "b");
     ASSERT_TRUE(sig.ok()) << sig.status();
-    EXPECT_TRUE(testing::VerifyMessageSignature(
-        spki, SignatureScheme::kEcdsaSecp256r1Sha256, "b",
-        std::string(sig->signature.begin(), sig->signature.end())));
+    EXPECT_TRUE(
+        testing::VerifyMessageSignature(spki, SignatureScheme::kEcdsaSecp256r1Sha256, "b",
+                                        std::string(sig->signature.begin(), sig->signature.end())));
   }
 }
 
@@ -179,8 +179,7 @@ TEST_F(HsmTokenTest, ResetsDuringConcurrentSigningNeverWedge) {
   for (int t = 0; t < 6; ++t) {
     threads.emplace_back([&] {
       while (!stop) {
-        auto sig =
-            SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, "m");
+        auto sig = SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, "m");
         if (sig.ok()) {
           ok++;
         } else if (sig.status().code() != absl::StatusCode::kUnavailable) {
@@ -228,8 +227,7 @@ TEST_F(HsmTokenTest, ConcurrentSigningFromManyThreadsAllVerify) {
         auto sig = SignMessage(*backend, "lab-ec256", SignatureScheme::kEcdsaSecp256r1Sha256, m);
         const bool ok = sig.ok() && testing::VerifyMessageSignature(
                                         spki, SignatureScheme::kEcdsaSecp256r1Sha256, m,
-                                        std::string(sig->signature.begin(),
-                                                    sig->signature.end()));
+                                        std::string(sig->signature.begin(), sig->signature.end()));
         (ok ? good : bad)++;
       }
     });
@@ -250,9 +248,9 @@ TEST_F(HsmTokenTest, SessionPoolBoundsConcurrencyAndHonoursDeadline) {
   ASSERT_TRUE(a.ok() && b.ok());
   auto c = backend->sessions().Acquire(absl::Now() + absl::Milliseconds(50));
   EXPECT_EQ(c.status().code(), absl::StatusCode::kDeadlineExceeded);
-  auto input = hsm::PrepareSignInput(*hsm::FindSchemeByName("ed25519"), true,
-                                     absl::MakeConstSpan(reinterpret_cast<const uint8_t*>("m"), 1),
-                                     100);
+  auto input =
+      hsm::PrepareSignInput(*hsm::FindSchemeByName("ed25519"), true,
+                            absl::MakeConstSpan(reinterpret_cast<const uint8_t*>("m"), 1), 100);
   ASSERT_TRUE(input.ok());
   auto sig = backend->Sign("lab-ed25519", 0, *input, absl::Now() + absl::Milliseconds(50));
   EXPECT_EQ(sig.status().code(), absl::StatusCode::kDeadlineExceeded);

@@ -23,8 +23,10 @@
 #include "custody/v1/testing.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "keyservice/audit_log.h"
+#include "keyservice/batching_signer.h"
 #include "keyservice/client.h"
 #include "keyservice/config.h"
+#include "keyservice/limits.h"
 #include "tests/support/keyd_process.h"
 #include "tests/support/lab.h"
 #include "tests/support/verify.h"
@@ -46,8 +48,8 @@ class KeydTest : public ::testing::Test {
     // so NOT_FOUND can be told apart from PERMISSION_DENIED.
     auto config = ReadFile(lab_->Env("CUSTODY_KEYD_CONFIG"));
     ASSERT_TRUE(config.ok());
-    const std::string patched = absl::StrReplaceAll(
-        *config, {{"\"lab-ed25519\"]", "\"lab-ed25519\", \"missing-*\"]"}});
+    const std::string patched =
+        absl::StrReplaceAll(*config, {{"\"lab-ed25519\"]", "\"lab-ed25519\", \"missing-*\"]"}});
     ASSERT_NE(patched, *config) << "lab keyd.yaml changed shape; update this test";
     config_path_ = lab_->Path("keyd-test.yaml");
     testing::WriteFile(config_path_, patched);
@@ -108,9 +110,7 @@ class KeydTest : public ::testing::Test {
     return lines;
   }
 
-  static bool Serving() {
-    return testing::WaitForHealthy("proxy", absl::Seconds(5)).ok();
-  }
+  static bool Serving() { return testing::WaitForHealthy("proxy", absl::Seconds(5)).ok(); }
 
   static testing::Lab* lab_;
   static testing::KeydProcess* keyd_;
@@ -140,9 +140,8 @@ TEST_F(KeydTest, EveryKeyAndSchemeSignsAndVerifiesAgainstItsCertificate) {
       ASSERT_TRUE(st.ok()) << st.error_message();
       EXPECT_EQ(resp.version(), 1u);
       EXPECT_FALSE(resp.request_id().empty());
-      EXPECT_TRUE(testing::VerifyMessageSignature(Spki(key),
-                                                  static_cast<hsm::SignatureScheme>(scheme),
-                                                  message, resp.signature()));
+      EXPECT_TRUE(testing::VerifyMessageSignature(
+          Spki(key), static_cast<hsm::SignatureScheme>(scheme), message, resp.signature()));
     }
   }
 }
@@ -161,13 +160,13 @@ TEST_F(KeydTest, ConcurrentSignaturesAllVerifyAndEachIsAuditedExactlyOnce) {
       for (int i = 0; i < kPerThread; ++i) {
         const std::string message = absl::StrCat("thread ", t, " signature ", i);
         SignResponse resp;
-        grpc::Status st = Sign(
-            *stub,
-            MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, message),
-            &resp);
-        if (!st.ok() || !testing::VerifyMessageSignature(
-                            spki, hsm::SignatureScheme::kEcdsaSecp256r1Sha256, message,
-                            resp.signature())) {
+        grpc::Status st =
+            Sign(*stub,
+                 MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, message),
+                 &resp);
+        if (!st.ok() ||
+            !testing::VerifyMessageSignature(spki, hsm::SignatureScheme::kEcdsaSecp256r1Sha256,
+                                             message, resp.signature())) {
           failures++;
           continue;
         }
@@ -216,9 +215,8 @@ TEST_F(KeydTest, CallerWithoutClientCertificateCannotConnect) {
 TEST_F(KeydTest, IntruderIsDeniedAndTheRefusalIsAudited) {
   auto stub = Stub("intruder");
   SignResponse resp;
-  grpc::Status st =
-      Sign(*stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
-           &resp);
+  grpc::Status st = Sign(
+      *stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"), &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_TRUE(resp.signature().empty());
   const std::string last = AuditLines().back();
@@ -239,9 +237,8 @@ TEST_F(KeydTest, IntruderIsDeniedAndTheRefusalIsAudited) {
 TEST_F(KeydTest, ProxyMayNotSignWithTheCaKey) {
   auto stub = Stub("proxy");
   SignResponse resp;
-  grpc::Status st =
-      Sign(*stub, MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
-           &resp);
+  grpc::Status st = Sign(
+      *stub, MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"), &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
 }
 
@@ -311,10 +308,10 @@ TEST_F(KeydTest, BadInputGetsAClearErrorAndTheServerKeepsServing) {
                    MessageRequest("lab-ec256\n{\"forged\":1}",
                                   v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
                    grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
-  cases.push_back({"key name too long",
-                   MessageRequest(std::string(129, 'k'),
-                                  v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
-                   grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
+  cases.push_back(
+      {"key name too long",
+       MessageRequest(std::string(129, 'k'), v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+       grpc::StatusCode::INVALID_ARGUMENT, "key_name"});
   cases.push_back({"scheme beyond 16 bits aliasing a valid one",
                    MessageRequest("lab-ec256", static_cast<v1::SignatureScheme>(0x10403), "m"),
                    grpc::StatusCode::INVALID_ARGUMENT, "scheme"});
@@ -367,10 +364,10 @@ TEST_F(KeydTest, RandomBytesToThePortCloseOnlyThatConnection) {
   ASSERT_TRUE(Serving());
   auto stub = Stub("proxy");
   SignResponse resp;
-  EXPECT_TRUE(
-      Sign(*stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
-           &resp)
-          .ok());
+  EXPECT_TRUE(Sign(*stub,
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "m"),
+                   &resp)
+                  .ok());
 }
 
 TEST_F(KeydTest, NextSignatureSucceedsAfterTheTokenDropsEverySession) {
@@ -397,6 +394,73 @@ TEST_F(KeydTest, NextSignatureSucceedsAfterTheTokenDropsEverySession) {
             grpc::StatusCode::PERMISSION_DENIED);
 }
 
+// SignBatch: every request is checked, signed and audited as if sent alone, in order.
+TEST_F(KeydTest, SignBatchAnswersEachRequestAndAuditsEachOnce) {
+  auto stub = Stub("proxy");
+  v1::SignBatchRequest batch;
+  *batch.add_requests() =
+      MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "first");
+  *batch.add_requests() =
+      MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "not yours");
+  *batch.add_requests() = MessageRequest("lab-ed25519", v1::SIGNATURE_SCHEME_ED25519, "third");
+  *batch.add_requests() = MessageRequest("missing-key", v1::SIGNATURE_SCHEME_ED25519, "x");
+  const std::size_t before = AuditLines().size();
+  grpc::ClientContext ctx;
+  v1::SignBatchResponse resp;
+  ASSERT_TRUE(stub->SignBatch(&ctx, batch, &resp).ok());
+  ASSERT_EQ(resp.outcomes_size(), 4);
+  EXPECT_EQ(resp.outcomes(0).code(), 0);
+  EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ec256"),
+                                              hsm::SignatureScheme::kEcdsaSecp256r1Sha256, "first",
+                                              resp.outcomes(0).response().signature()));
+  EXPECT_EQ(resp.outcomes(1).code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(resp.outcomes(1).response().signature().empty());
+  EXPECT_EQ(resp.outcomes(2).code(), 0);
+  EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ed25519"), hsm::SignatureScheme::kEd25519,
+                                              "third", resp.outcomes(2).response().signature()));
+  EXPECT_EQ(resp.outcomes(3).code(), grpc::StatusCode::NOT_FOUND);
+  const std::vector<std::string> lines = AuditLines();
+  ASSERT_EQ(lines.size() - before, 4u);
+  EXPECT_NE(lines[before].find(resp.outcomes(0).response().request_id()), std::string::npos);
+  EXPECT_NE(lines[before + 1].find("PERMISSION_DENIED"), std::string::npos);
+
+  for (int size : {0, keyservice::kMaxSignBatch + 1}) {
+    v1::SignBatchRequest bad;
+    for (int i = 0; i < size; ++i) {
+      *bad.add_requests() = batch.requests(0);
+    }
+    grpc::ClientContext bad_ctx;
+    v1::SignBatchResponse bad_resp;
+    EXPECT_EQ(stub->SignBatch(&bad_ctx, bad, &bad_resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT)
+        << size;
+  }
+}
+
+// BatchingSigner under concurrency: every signature verifies and arrives once.
+TEST_F(KeydTest, BatchingSignerSignsManyConcurrentRequests) {
+  constexpr int kRequests = 2000;
+  const std::string spki = Spki("lab-ec384");
+  std::atomic<int> good{0};
+  std::atomic<int> bad{0};
+  {
+    keyservice::BatchingSigner signer({Channel("proxy")}, /*max_in_flight=*/2, absl::Seconds(30));
+    for (int i = 0; i < kRequests; ++i) {
+      const std::string message = absl::StrCat("batched ", i);
+      signer.Sign(MessageRequest("lab-ec384", v1::SIGNATURE_SCHEME_ECDSA_SECP384R1_SHA384, message),
+                  [&, message](const grpc::Status& st, const v1::SignResponse& resp) {
+                    const bool ok =
+                        st.ok() && testing::VerifyMessageSignature(
+                                       spki, hsm::SignatureScheme::kEcdsaSecp384r1Sha384, message,
+                                       resp.signature());
+                    (ok ? good : bad)++;
+                  });
+    }
+  }  // The destructor waits for every call.
+  EXPECT_EQ(good.load(), kRequests);
+  EXPECT_EQ(bad.load(), 0);
+}
+
 // Server reflection lists the services (so grpcurl-style tools work). The request is
 // hand-encoded: ServerReflectionRequest{list_services: "*"} is field 7, a string.
 TEST_F(KeydTest, ServerReflectionListsTheKeyService) {
@@ -404,8 +468,8 @@ TEST_F(KeydTest, ServerReflectionListsTheKeyService) {
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                               &cq);
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
   void* tag = nullptr;
   bool ok = false;
   auto step = [&](intptr_t want) {

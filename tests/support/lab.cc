@@ -45,8 +45,8 @@ absl::StatusOr<std::unique_ptr<Lab>> Lab::Create() {
   }
   std::unique_ptr<Lab> lab(new Lab(templ));
   std::string out;
-  const int rc = RunCommand(
-      absl::StrCat(CUSTODY_SOURCE_DIR, "/hsm/lab.sh init '", lab->dir_, "'"), &out);
+  const int rc =
+      RunCommand(absl::StrCat(CUSTODY_SOURCE_DIR, "/hsm/lab.sh init '", lab->dir_, "'"), &out);
   if (rc != 0) {
     return absl::InternalError(absl::StrCat("hsm/lab.sh init failed (", rc, "):\n", out));
   }

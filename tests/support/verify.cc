@@ -27,19 +27,18 @@ bool VerifyMessageSignature(const std::string& spki_der, hsm::SignatureScheme sc
                    : info->hash == hsm::HashAlg::kSha512 ? "SHA512"
                                                          : nullptr;
   EVP_PKEY_CTX* pctx = nullptr;
-  bool ok = EVP_DigestVerifyInit_ex(ctx.get(), &pctx, md, nullptr, nullptr, pkey.get(),
-                                    nullptr) == 1;
+  bool ok =
+      EVP_DigestVerifyInit_ex(ctx.get(), &pctx, md, nullptr, nullptr, pkey.get(), nullptr) == 1;
   if (ok && info->family == hsm::SignFamily::kRsaPss) {
     ok = EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) == 1 &&
          EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, RSA_PSS_SALTLEN_DIGEST) == 1;
   } else if (ok && info->family == hsm::SignFamily::kRsaPkcs1) {
     ok = EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PADDING) == 1;
   }
-  ok = ok && EVP_DigestVerify(ctx.get(),
-                              reinterpret_cast<const unsigned char*>(signature.data()),
-                              signature.size(),
-                              reinterpret_cast<const unsigned char*>(message.data()),
-                              message.size()) == 1;
+  ok = ok &&
+       EVP_DigestVerify(ctx.get(), reinterpret_cast<const unsigned char*>(signature.data()),
+                        signature.size(), reinterpret_cast<const unsigned char*>(message.data()),
+                        message.size()) == 1;
   ClearOsslErrors();
   return ok;
 }

@@ -56,8 +56,7 @@ TEST(YamlProtoTest, WrongTypesAreRefused) {
   EXPECT_NE(Parse("policy:\n  - identity: a\n    admin: \"true\"\n", &c).message().find("admin"),
             absl::string_view::npos);
   EXPECT_NE(Parse("tls: [1, 2]\n", &c).message().find("'tls'"), absl::string_view::npos);
-  EXPECT_NE(Parse("policy: {identity: a}\n", &c).message().find("list"),
-            absl::string_view::npos);
+  EXPECT_NE(Parse("policy: {identity: a}\n", &c).message().find("list"), absl::string_view::npos);
   EXPECT_NE(Parse("listen: [a]\n", &c).message().find("single value"), absl::string_view::npos);
   EXPECT_NE(Parse("listen:\n", &c).message().find("value is required"), absl::string_view::npos);
 }
@@ -72,9 +71,9 @@ TEST(YamlProtoTest, AFieldGivenTwiceIsRefused) {
 
 TEST(YamlProtoTest, JsonIsAccepted) {
   KeydConfig c;
-  ASSERT_TRUE(Parse(R"({"listen": "[::1]:1", "hsm": {"sessions": 3}, "policy": [{"identity": "p"}]})",
-                    &c)
-                  .ok());
+  ASSERT_TRUE(
+      Parse(R"({"listen": "[::1]:1", "hsm": {"sessions": 3}, "policy": [{"identity": "p"}]})", &c)
+          .ok());
   EXPECT_EQ(c.listen(), "[::1]:1");
   EXPECT_EQ(c.hsm().sessions(), 3u);
 }

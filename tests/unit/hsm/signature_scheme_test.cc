@@ -51,8 +51,9 @@ TEST(SignatureSchemeTest, DigestInfoPrefixIsTheDerOfDigestInfo) {
     const ASN1_OBJECT* obj = nullptr;
     X509_ALGOR_get0(&obj, nullptr, nullptr, alg);
     const int nid = OBJ_obj2nid(obj);
-    EXPECT_EQ(nid, h == HashAlg::kSha256 ? NID_sha256 : h == HashAlg::kSha384 ? NID_sha384
-                                                                                : NID_sha512);
+    EXPECT_EQ(nid, h == HashAlg::kSha256   ? NID_sha256
+                   : h == HashAlg::kSha384 ? NID_sha384
+                                           : NID_sha512);
     X509_SIG_free(sig);
   }
 }
@@ -83,9 +84,9 @@ TEST(SignatureSchemeTest, EcdsaRawToDerVerifies) {
     leading_zero_cases += (raw[0] == 0 || raw[32] == 0) ? 1 : 0;
     auto converted = EcdsaRawToDer(raw);
     ASSERT_TRUE(converted.ok());
-    EXPECT_TRUE(testing::VerifyMessageSignature(
-        spki, SignatureScheme::kEcdsaSecp256r1Sha256, message,
-        std::string(converted->begin(), converted->end())));
+    EXPECT_TRUE(testing::VerifyMessageSignature(spki, SignatureScheme::kEcdsaSecp256r1Sha256,
+                                                message,
+                                                std::string(converted->begin(), converted->end())));
   }
   EXPECT_GT(leading_zero_cases, 0) << "no raw half started with a zero byte; raise the count";
   EXPECT_FALSE(EcdsaRawToDer(std::vector<uint8_t>(63, 1)).ok());

@@ -24,8 +24,8 @@ TEST(TokenObjectsTest, EcParamsMapToKeyTypes) {
   EXPECT_EQ(*KeyTypeFromEcParams({0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22}), KeyType::kEcP384);
   EXPECT_EQ(*KeyTypeFromEcParams({0x06, 0x03, 0x2b, 0x65, 0x70}), KeyType::kEd25519);
   // SoftHSM and pkcs11-tool write Ed25519 params as PrintableString "edwards25519".
-  EXPECT_EQ(*KeyTypeFromEcParams({0x13, 0x0c, 'e', 'd', 'w', 'a', 'r', 'd', 's', '2', '5', '5',
-                                  '1', '9'}),
+  EXPECT_EQ(*KeyTypeFromEcParams(
+                {0x13, 0x0c, 'e', 'd', 'w', 'a', 'r', 'd', 's', '2', '5', '5', '1', '9'}),
             KeyType::kEd25519);
   EXPECT_FALSE(KeyTypeFromEcParams({0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a}).ok());  // secp256k1
 }

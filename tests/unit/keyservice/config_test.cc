@@ -19,8 +19,8 @@ TEST(HostPortTest, ParsesV4V6AndNames) {
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b->host, "::1");
   EXPECT_TRUE(ParseHostPort("localhost:80").ok());
-  for (const char* bad : {"", "7443", ":7443", "host:", "host:0", "host:70000", "::1:80",
-                          "[::1]80", "host:12x"}) {
+  for (const char* bad :
+       {"", "7443", ":7443", "host:", "host:0", "host:70000", "::1:80", "[::1]80", "host:12x"}) {
     EXPECT_FALSE(ParseHostPort(bad).ok()) << bad;
   }
   EXPECT_TRUE(ParseHostPort("host:0", /*allow_zero_port=*/true).ok());
@@ -49,10 +49,14 @@ class ValidateTest : public ::testing::Test {
   }
   std::string Yaml(const std::string& extra = "") const {
     return "listen: 127.0.0.1:7443\n"
-           "tls: {cert_file: " + dir_ + "/cert, key_file: " + dir_ + "/key, client_ca_file: " +
-           dir_ + "/ca}\n"
-           "hsm: {module: " + dir_ + "/module, token_label: t, pin_file: " + dir_ + "/pin}\n"
-           "audit: {path: " + dir_ + "/audit.log}\n" + extra;
+           "tls: {cert_file: " +
+           dir_ + "/cert, key_file: " + dir_ + "/key, client_ca_file: " + dir_ +
+           "/ca}\n"
+           "hsm: {module: " +
+           dir_ + "/module, token_label: t, pin_file: " + dir_ +
+           "/pin}\n"
+           "audit: {path: " +
+           dir_ + "/audit.log}\n" + extra;
   }
   absl::Status Validate(const std::string& yaml, custody::v1::KeydConfig* out) {
     absl::Status st = ParseYamlToProto(yaml, "t.yaml", out);
