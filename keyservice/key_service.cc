@@ -143,6 +143,33 @@ void FillKey(const std::vector<hsm::KeyVersionInfo>& versions, Key* key) {
   }
 }
 
+absl::StatusOr<hsm::SignResult> KeyServiceImpl::CheckAndSign(
+    const Caller& caller, const custody::v1::SignRequest& request,
+    const std::optional<hsm::SchemeInfo>& scheme, absl::Time deadline) {
+  if (caller.identity.empty()) {
+    return absl::PermissionDeniedError("caller certificate has no common name");
+  }
+  CUSTODY_RETURN_IF_ERROR(CheckKeyName(request.key_name()));
+  if (!policy_.MaySign(caller.identity, request.key_name())) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "identity '", caller.identity, "' may not sign with key '", request.key_name(), "'"));
+  }
+  if (!scheme) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown signature scheme ", static_cast<int>(request.scheme()),
+        " (use a TLS SignatureScheme code point, e.g. 0x0403 ecdsa_secp256r1_sha256)"));
+  }
+  const bool is_message = request.input_case() == custody::v1::SignRequest::kMessage;
+  const std::string& in = is_message ? request.message() : request.digest();
+  CUSTODY_ASSIGN_OR_RETURN(
+      const hsm::SignInput input,
+      hsm::PrepareSignInput(
+          *scheme, is_message,
+          absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
+          limits_.max_message_bytes));
+  return backend_.Sign(request.key_name(), request.version(), input, deadline);
+}
+
 grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
                                         const custody::v1::SignRequest* request,
                                         custody::v1::SignResponse* response) {
@@ -163,32 +190,9 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
                      request->version(),
                      scheme ? scheme->name : ""};
 
-  absl::StatusOr<hsm::SignResult> result = [&]() -> absl::StatusOr<hsm::SignResult> {
-    if (caller.identity.empty()) {
-      return absl::PermissionDeniedError("caller certificate has no common name");
-    }
-    CUSTODY_RETURN_IF_ERROR(CheckKeyName(request->key_name()));
-    if (!policy_.MaySign(caller.identity, request->key_name())) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "identity '", caller.identity, "' may not sign with key '", request->key_name(), "'"));
-    }
-    if (!scheme) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown signature scheme ", scheme_code,
-          " (use a TLS SignatureScheme code point, e.g. 0x0403 ecdsa_secp256r1_sha256)"));
-    }
-    const bool is_message = request->input_case() == custody::v1::SignRequest::kMessage;
-    const std::string& in = is_message ? request->message() : request->digest();
-    CUSTODY_ASSIGN_OR_RETURN(
-        const hsm::SignInput input,
-        hsm::PrepareSignInput(
-            *scheme, is_message,
-            absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
-            limits_.max_message_bytes));
-    const absl::Time deadline =
-        std::min(start + limits_.sign_timeout, absl::FromChrono(context->deadline()));
-    return backend_.Sign(request->key_name(), request->version(), input, deadline);
-  }();
+  absl::StatusOr<hsm::SignResult> result =
+      CheckAndSign(caller, *request, scheme,
+                   std::min(start + limits_.sign_timeout, absl::FromChrono(context->deadline())));
 
   const absl::Status status = result.status();
   record.outcome = CodeName(status.code());

@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -64,6 +65,12 @@ class KeyServiceImpl final
                         custody::v1::ListKeysResponse* response) override;
 
  private:
+  // CheckAndSign applies the policy and the input checks, then signs (by `deadline`).
+  absl::StatusOr<hsm::SignResult> CheckAndSign(const Caller& caller,
+                                               const custody::v1::SignRequest& request,
+                                               const std::optional<hsm::SchemeInfo>& scheme,
+                                               absl::Time deadline);
+
   // Refuse audits a refused call (`action` in the audit log), counts it under `method`, and
   // answers it.
   grpc::Status Refuse(const Caller& caller, const std::string& method, const std::string& action,
