@@ -1,0 +1,34 @@
+// KeySigner: how the custody provider reaches the key service. GrpcKeySigner is the real one
+// (mutual TLS, the proxy identity); tests may bring fakes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "custody/v1/key_service.pb.h"
+
+namespace custody::provider {
+
+class KeySigner {
+ public:
+  virtual ~KeySigner() = default;
+
+  // Sign asks the key service for one signature. Blocks until the answer or `deadline`.
+  // Thread-safe.
+  [[nodiscard]] virtual absl::StatusOr<custody::v1::SignResponse> Sign(
+      const custody::v1::SignRequest& request, absl::Time deadline) = 0;
+
+  // GetKey reads a key's versions, public keys and chains. Thread-safe.
+  [[nodiscard]] virtual absl::StatusOr<custody::v1::Key> GetKey(const std::string& name,
+                                                                absl::Time deadline) = 0;
+};
+
+// MakeGrpcKeySignerFromEnv connects with the lab.env variables: CUSTODY_KEYD_ADDR, CUSTODY_CA
+// and CUSTODY_PROXY_CERT / CUSTODY_PROXY_KEY (the identity named by CUSTODY_IDENTITY, default
+// "proxy"). INVALID_ARGUMENT names what is missing.
+[[nodiscard]] absl::StatusOr<std::shared_ptr<KeySigner>> MakeGrpcKeySignerFromEnv();
+
+}  // namespace custody::provider
