@@ -1,7 +1,12 @@
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "custody/v1/key_service.grpc.pb.h"
+#include "keyservice/batching_signer.h"
 #include "keyservice/client.h"
 #include "proxy/provider/key_signer.h"
 
@@ -13,11 +18,33 @@ absl::Status FromGrpc(const grpc::Status& st) {
                       absl::StrCat("key service: ", st.error_message()));
 }
 
-// GrpcKeySigner: unary calls on one mutual-TLS channel.
+// GrpcKeySigner: unary calls on one mutual-TLS channel for blocking use; for asynchronous use,
+// a dispatcher thread hands requests to a BatchingSigner (so no gRPC call starts on a caller's
+// stack, which may be an ASYNC job's).
 class GrpcKeySigner final : public KeySigner {
  public:
   explicit GrpcKeySigner(std::shared_ptr<grpc::Channel> channel)
-      : stub_(custody::v1::KeyService::NewStub(std::move(channel))) {}
+      : stub_(custody::v1::KeyService::NewStub(channel)),
+        batcher_({channel}, /*max_in_flight=*/2, kSignTimeout),
+        dispatcher_([this] { Dispatch(); }) {}
+
+  ~GrpcKeySigner() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    dispatcher_.join();
+  }
+
+  void SignAsync(const custody::v1::SignRequest& request, absl::Time deadline,
+                 SignDone done) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back({request, deadline, std::move(done)});
+    }
+    wake_.notify_one();
+  }
 
   absl::StatusOr<custody::v1::SignResponse> Sign(const custody::v1::SignRequest& request,
                                                  absl::Time deadline) override {
@@ -43,7 +70,47 @@ class GrpcKeySigner final : public KeySigner {
   }
 
  private:
+  struct Queued {
+    custody::v1::SignRequest request;
+    absl::Time deadline;
+    SignDone done;
+  };
+
+  // Dispatch moves queued requests to the batcher until the signer is destroyed.
+  void Dispatch() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) {
+        return;  // Stopping, and nothing left to send.
+      }
+      Queued q = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      if (absl::Now() >= q.deadline) {
+        q.done(absl::DeadlineExceededError("signing deadline passed before sending"));
+      } else {
+        auto done = std::make_shared<SignDone>(std::move(q.done));
+        batcher_.Sign(std::move(q.request),
+                      [done](const grpc::Status& st, const custody::v1::SignResponse& resp) {
+                        if (st.ok()) {
+                          (*done)(resp);
+                        } else {
+                          (*done)(FromGrpc(st));
+                        }
+                      });
+      }
+      lock.lock();
+    }
+  }
+
   std::unique_ptr<custody::v1::KeyService::Stub> stub_;
+  keyservice::BatchingSigner batcher_;
+  std::mutex mu_;  // Guards queue_ and stopping_.
+  std::condition_variable wake_;
+  std::deque<Queued> queue_;
+  bool stopping_ = false;
+  std::thread dispatcher_;  // Last: starts once everything above exists.
 };
 
 }  // namespace

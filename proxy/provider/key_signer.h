@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -12,6 +13,9 @@
 
 namespace custody::provider {
 
+// kSignTimeout bounds one signature, from the request to the answer.
+inline constexpr absl::Duration kSignTimeout = absl::Seconds(2);
+
 class KeySigner {
  public:
   virtual ~KeySigner() = default;
@@ -20,6 +24,15 @@ class KeySigner {
   // Thread-safe.
   [[nodiscard]] virtual absl::StatusOr<custody::v1::SignResponse> Sign(
       const custody::v1::SignRequest& request, absl::Time deadline) = 0;
+
+  // SignDone receives the outcome of SignAsync, on a key-client thread: keep it short.
+  using SignDone = std::function<void(absl::StatusOr<custody::v1::SignResponse>)>;
+
+  // SignAsync starts a signature and returns at once; `done` runs exactly once with the outcome
+  // (by `deadline` at the latest). It never runs gRPC on the caller's stack, so it may be called
+  // from inside an OpenSSL ASYNC job (32 KiB stack). Thread-safe.
+  virtual void SignAsync(const custody::v1::SignRequest& request, absl::Time deadline,
+                         SignDone done) = 0;
 
   // GetKey reads a key's versions, public keys and chains. Thread-safe.
   [[nodiscard]] virtual absl::StatusOr<custody::v1::Key> GetKey(const std::string& name,

@@ -27,7 +27,7 @@ namespace custody::provider {
 struct ProviderContext {
   std::shared_ptr<KeySigner> signer;  // Null when the key service is not configured.
   absl::Status signer_status;         // Why `signer` is null.
-  absl::Duration sign_timeout = absl::Seconds(2);
+  absl::Duration sign_timeout = kSignTimeout;
 };
 
 // RemoteKeyKind is the algorithm family of a remote key.

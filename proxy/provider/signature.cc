@@ -1,12 +1,16 @@
 // Signatures made by the key service: OpenSSL hands us the message (digest_sign) or feeds it
 // piecewise (update/final); we hash it here (Ed25519 excepted: it signs the message) and ask the
 // key service for the signature under the TLS scheme the parameters name.
+#include <openssl/async.h>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include <openssl/rsa.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <cstring>
+#include <mutex>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -253,6 +257,69 @@ int DigestSignInit(void* vctx, const char* mdname, void* keydata, const OSSL_PAR
   return SetCtxParams(vctx, params);
 }
 
+// WaitFd returns the wait fd of `ctx` (an eventfd made on first use and closed with the wait
+// context): one per connection for its whole life, so the event loop registers it once.
+int WaitFd(ASYNC_WAIT_CTX* ctx) {
+  static const char kKey = 0;
+  OSSL_ASYNC_FD fd = OSSL_BAD_ASYNC_FD;
+  void* custom = nullptr;
+  if (ASYNC_WAIT_CTX_get_fd(ctx, &kKey, &fd, &custom) == 1) {
+    return fd;
+  }
+  fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0) {
+    return -1;
+  }
+  auto cleanup = [](ASYNC_WAIT_CTX* /*ctx*/, const void* /*key*/, OSSL_ASYNC_FD fd,
+                    void* /*custom*/) { ::close(fd); };
+  if (ASYNC_WAIT_CTX_set_wait_fd(ctx, &kKey, fd, nullptr, cleanup) != 1) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// SignSlot is one signature awaited by a paused job: filled on a key-client thread.
+struct SignSlot {
+  std::mutex mu;  // "Done" and the eventfd signal change together under it.
+  bool done = false;
+  absl::StatusOr<custody::v1::SignResponse> result = absl::UnknownError("not answered");
+};
+
+// SignInJob runs inside an ASYNC job (32 KiB stack, no guard page): it only queues the request
+// and pauses; the worker's event loop serves other connections until the wait fd fires and it
+// resumes the job. The job is resumed on the thread that started it.
+absl::StatusOr<custody::v1::SignResponse> SignInJob(KeySigner& signer,
+                                                    const custody::v1::SignRequest& request,
+                                                    absl::Time deadline) {
+  ASYNC_JOB* job = ASYNC_get_current_job();
+  const int fd = WaitFd(ASYNC_get_wait_ctx(job));
+  if (fd < 0) {
+    return absl::ResourceExhaustedError("no wait fd for the asynchronous signature");
+  }
+  auto slot = std::make_shared<SignSlot>();
+  signer.SignAsync(request, deadline, [slot, fd](absl::StatusOr<custody::v1::SignResponse> result) {
+    std::lock_guard<std::mutex> lock(slot->mu);
+    slot->result = std::move(result);
+    slot->done = true;
+    const uint64_t one = 1;
+    (void)!::write(fd, &one, sizeof(one));
+  });
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(slot->mu);
+      uint64_t drained = 0;
+      (void)!::read(fd, &drained, sizeof(drained));  // Spurious wake-ups leave nothing behind.
+      if (slot->done) {
+        return std::move(slot->result);
+      }
+    }
+    if (ASYNC_pause_job() != 1) {
+      return absl::InternalError("ASYNC_pause_job failed");
+    }
+  }
+}
+
 // SignData makes the signature of `data` (the message) into sig/siglen.
 int SignData(SignatureContext* ctx, unsigned char* sig, size_t* siglen, size_t sigsize,
              const std::string& message, const std::string* digest) {
@@ -282,7 +349,9 @@ int SignData(SignatureContext* ctx, unsigned char* sig, size_t* siglen, size_t s
     request.set_digest(hashed->data(), hashed->size());
   }
   absl::StatusOr<custody::v1::SignResponse> response =
-      prov->signer->Sign(request, absl::Now() + prov->sign_timeout);
+      ASYNC_get_current_job() != nullptr
+          ? SignInJob(*prov->signer, request, absl::Now() + prov->sign_timeout)
+          : prov->signer->Sign(request, absl::Now() + prov->sign_timeout);
   if (!response.ok()) {
     return RaiseStatus(response.status());
   }
