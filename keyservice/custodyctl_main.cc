@@ -302,6 +302,33 @@ int CloseSessions(const Globals& g, const std::shared_ptr<grpc::Channel>& channe
   return 0;
 }
 
+int SetFault(const Globals& g, const std::shared_ptr<grpc::Channel>& channel,
+             const custody::v1::Fault& fault) {
+  auto stub = custody::v1::KeyServiceTesting::NewStub(channel);
+  custody::v1::SetFaultRequest req;
+  *req.mutable_fault() = fault;
+  custody::v1::SetFaultResponse resp;
+  auto ctx = Context(g);
+  grpc::Status st = stub->SetFault(ctx.get(), req, &resp);
+  if (!st.ok()) {
+    return RpcFail(st);
+  }
+  std::printf("fault set: %s\n", fault.ShortDebugString().c_str());
+  return 0;
+}
+
+int ReleaseHeld(const Globals& g, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = custody::v1::KeyServiceTesting::NewStub(channel);
+  custody::v1::ReleaseHeldResponse resp;
+  auto ctx = Context(g);
+  grpc::Status st = stub->ReleaseHeld(ctx.get(), {}, &resp);
+  if (!st.ok()) {
+    return RpcFail(st);
+  }
+  std::printf("released %u held signature(s)\n", resp.released());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -367,6 +394,28 @@ int main(int argc, char** argv) {
   testing->add_subcommand("close-sessions", "close every HSM session under the key service")
       ->callback(
           [&] { rc = WithChannel(g, [&](const auto& ch) { return CloseSessions(g, ch); }); });
+
+  custody::v1::Fault fault;
+  uint32_t delay_ms = 0;
+  int32_t fail_code = 0;
+  bool corrupt = false;
+  bool hold = false;
+  auto* set_fault = testing->add_subcommand(
+      "set-fault", "make every following signature slow, failing, corrupt or held");
+  set_fault->add_option("--delay-ms", delay_ms, "wait before signing");
+  set_fault->add_option("--fail-code", fail_code, "fail with this gRPC code (14: UNAVAILABLE)");
+  set_fault->add_flag("--corrupt", corrupt, "flip a byte of every signature");
+  set_fault->add_flag("--hold", hold, "hold signatures until release-held");
+  set_fault->callback([&] {
+    fault.set_delay_ms(delay_ms);
+    fault.set_fail_code(fail_code);
+    fault.set_corrupt(corrupt);
+    fault.set_hold(hold);
+    rc = WithChannel(g, [&](const auto& ch) { return SetFault(g, ch, fault); });
+  });
+  testing->add_subcommand("release-held", "let held signatures go")->callback([&] {
+    rc = WithChannel(g, [&](const auto& ch) { return ReleaseHeld(g, ch); });
+  });
 
   CLI11_PARSE(app, argc, argv);
   return rc;

@@ -306,22 +306,47 @@ grpc::Status KeyServiceImpl::ListKeys(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-grpc::Status TestingServiceImpl::CloseAllSessions(
-    grpc::ServerContext* context, const custody::v1::CloseAllSessionsRequest* /*request*/,
-    custody::v1::CloseAllSessionsResponse* /*response*/) {
+grpc::Status TestingServiceImpl::RunHook(const grpc::ServerContext& context,
+                                         const std::string& action,
+                                         const std::function<absl::Status()>& hook) {
   const absl::Time start = absl::Now();
-  const Caller caller = CallerOf(*context);
-  absl::Status status = policy_.IsAdmin(caller.identity)
-                            ? backend_.SimulateTokenReset()
-                            : absl::PermissionDeniedError(
-                                  absl::StrCat("identity '", caller.identity, "' is not an admin"));
-  AuditRecord record{caller.identity, caller.peer, "test_hook_close_all_sessions"};
+  const Caller caller = CallerOf(context);
+  const absl::Status status = policy_.IsAdmin(caller.identity)
+                                  ? hook()
+                                  : absl::PermissionDeniedError(absl::StrCat(
+                                        "identity '", caller.identity, "' is not an admin"));
+  AuditRecord record{caller.identity, caller.peer, action};
   record.outcome = CodeName(status.code());
   record.detail = std::string(status.message());
   record.latency_us = Micros(start);
   const absl::StatusOr<std::string> id = audit_.Append(record);
-  spdlog::warn("test hook: CloseAllSessions by {}: {}", caller.identity, status.ToString());
+  spdlog::warn("test hook: {} by {}: {}", action, caller.identity, status.ToString());
   return ToGrpcStatus(status, id.ok() ? *id : "unaudited");
+}
+
+grpc::Status TestingServiceImpl::CloseAllSessions(
+    grpc::ServerContext* context, const custody::v1::CloseAllSessionsRequest* /*request*/,
+    custody::v1::CloseAllSessionsResponse* /*response*/) {
+  return RunHook(*context, "test_hook_close_all_sessions",
+                 [this] { return backend_.SimulateTokenReset(); });
+}
+
+grpc::Status TestingServiceImpl::SetFault(grpc::ServerContext* context,
+                                          const custody::v1::SetFaultRequest* request,
+                                          custody::v1::SetFaultResponse* /*response*/) {
+  return RunHook(*context, "test_hook_set_fault", [&] {
+    faults_.SetFault(request->fault());
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status TestingServiceImpl::ReleaseHeld(grpc::ServerContext* context,
+                                             const custody::v1::ReleaseHeldRequest* /*request*/,
+                                             custody::v1::ReleaseHeldResponse* response) {
+  return RunHook(*context, "test_hook_release_held", [&] {
+    response->set_released(faults_.ReleaseHeld());
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace custody::keyservice

@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -14,6 +15,7 @@
 #include "custody/v1/testing.grpc.pb.h"
 #include "hsm/key_backend.h"
 #include "keyservice/audit_log.h"
+#include "keyservice/fault_injecting_backend.h"
 #include "keyservice/limits.h"
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
@@ -85,15 +87,28 @@ class KeyServiceImpl final
 
 class TestingServiceImpl final : public custody::v1::KeyServiceTesting::Service {
  public:
-  TestingServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit)
-      : backend_(backend), policy_(policy), audit_(audit) {}
+  // TestingServiceImpl pulls its levers on `backend` (the token) and `faults` (the wrapper the
+  // key service signs through when test hooks are on). Admins only; every call is audited.
+  TestingServiceImpl(hsm::KeyBackend& backend, FaultInjectingKeyBackend& faults,
+                     const Policy& policy, AuditLog& audit)
+      : backend_(backend), faults_(faults), policy_(policy), audit_(audit) {}
 
   grpc::Status CloseAllSessions(grpc::ServerContext* context,
                                 const custody::v1::CloseAllSessionsRequest* request,
                                 custody::v1::CloseAllSessionsResponse* response) override;
+  grpc::Status SetFault(grpc::ServerContext* context, const custody::v1::SetFaultRequest* request,
+                        custody::v1::SetFaultResponse* response) override;
+  grpc::Status ReleaseHeld(grpc::ServerContext* context,
+                           const custody::v1::ReleaseHeldRequest* request,
+                           custody::v1::ReleaseHeldResponse* response) override;
 
  private:
+  // RunHook checks that the caller is an admin, runs `hook`, audits and logs it as `action`.
+  grpc::Status RunHook(const grpc::ServerContext& context, const std::string& action,
+                       const std::function<absl::Status()>& hook);
+
   hsm::KeyBackend& backend_;
+  FaultInjectingKeyBackend& faults_;
   const Policy& policy_;
   AuditLog& audit_;
 };

@@ -74,8 +74,12 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
 
   ServiceLimits limits{absl::Milliseconds(config.limits().sign_timeout_ms()),
                        config.limits().max_message_bytes()};
-  KeyServiceImpl key_service(*backend, policy, *audit, metrics, limits);
-  TestingServiceImpl testing_service(*backend, policy, *audit);
+  // With test hooks, signatures go through the fault injector (which does nothing until told).
+  FaultInjectingKeyBackend faults(*backend);
+  hsm::KeyBackend& signing_backend =
+      options.enable_test_hooks ? static_cast<hsm::KeyBackend&>(faults) : *backend;
+  KeyServiceImpl key_service(signing_backend, policy, *audit, metrics, limits);
+  TestingServiceImpl testing_service(*backend, faults, policy, *audit);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -461,6 +461,68 @@ TEST_F(KeydTest, BatchingSignerSignsManyConcurrentRequests) {
   EXPECT_EQ(bad.load(), 0);
 }
 
+// The fault injector (test hooks): corrupt, failing, slow and held signatures, then normal.
+TEST_F(KeydTest, FaultInjectionDrivesFailuresAndHolds) {
+  auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
+  auto set_fault = [&](const v1::Fault& fault) {
+    grpc::ClientContext ctx;
+    v1::SetFaultRequest req;
+    *req.mutable_fault() = fault;
+    v1::SetFaultResponse resp;
+    return admin->SetFault(&ctx, req, &resp).ok();
+  };
+  auto stub = Stub("proxy");
+  const auto request =
+      MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "faulty");
+  const std::string spki = Spki("lab-ec256");
+  auto verifies = [&](const SignResponse& resp) {
+    return testing::VerifyMessageSignature(spki, hsm::SignatureScheme::kEcdsaSecp256r1Sha256,
+                                           "faulty", resp.signature());
+  };
+
+  v1::Fault corrupt;
+  corrupt.set_corrupt(true);
+  ASSERT_TRUE(set_fault(corrupt));
+  SignResponse resp;
+  ASSERT_TRUE(Sign(*stub, request, &resp).ok());
+  EXPECT_FALSE(verifies(resp));
+
+  v1::Fault failing;
+  failing.set_fail_code(static_cast<int>(grpc::StatusCode::UNAVAILABLE));
+  ASSERT_TRUE(set_fault(failing));
+  EXPECT_EQ(Sign(*stub, request, &resp).error_code(), grpc::StatusCode::UNAVAILABLE);
+
+  v1::Fault held;
+  held.set_hold(true);
+  ASSERT_TRUE(set_fault(held));
+  grpc::Status held_status;
+  SignResponse held_resp;
+  std::thread signer([&] { held_status = Sign(*stub, request, &held_resp); });
+  uint32_t released = 0;
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (released == 0 && absl::Now() < give_up) {  // Until the signature is waiting.
+    grpc::ClientContext ctx;
+    v1::ReleaseHeldResponse out;
+    ASSERT_TRUE(admin->ReleaseHeld(&ctx, {}, &out).ok());
+    released = out.released();
+  }
+  signer.join();
+  EXPECT_EQ(released, 1u);
+  EXPECT_TRUE(held_status.ok()) << held_status.error_message();
+  EXPECT_TRUE(verifies(held_resp));
+
+  ASSERT_TRUE(set_fault(v1::Fault()));
+  ASSERT_TRUE(Sign(*stub, request, &resp).ok());
+  EXPECT_TRUE(verifies(resp));
+  // Only admins set faults.
+  auto proxy_testing = v1::KeyServiceTesting::NewStub(Channel("proxy"));
+  grpc::ClientContext ctx;
+  v1::SetFaultRequest req;
+  v1::SetFaultResponse out;
+  EXPECT_EQ(proxy_testing->SetFault(&ctx, req, &out).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+}
+
 // Server reflection lists the services (so grpcurl-style tools work). The request is
 // hand-encoded: ServerReflectionRequest{list_services: "*"} is field 7, a string.
 TEST_F(KeydTest, ServerReflectionListsTheKeyService) {
