@@ -74,6 +74,19 @@ tail -n 2 "$CUSTODY_AUDIT_LOG"
 say "metrics"
 curl -s "http://$CUSTODY_KEYD_METRICS_ADDR/metrics" | grep '^custody_keyd_signatures_total'
 
+say "a stock TLS server whose handshake key stays in the HSM (openssl s_server + custody provider)"
+export OPENSSL_MODULES=$ROOT/build/lib
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+timeout 20 openssl s_server -provider default -provider custody -accept "127.0.0.1:$PORT" \
+  -key custody:key=lab-ec256 -cert "$LAB/certs/lab-ec256.crt" -naccept 1 -www \
+  >"$LAB/s_server.log" 2>&1 </dev/null &
+SERVER_PID=$!
+for _ in $(seq 1 100); do grep -q '^ACCEPT' "$LAB/s_server.log" 2>/dev/null && break; sleep 0.05; done
+echo | openssl s_client -connect "127.0.0.1:$PORT" -CAfile "$CUSTODY_CA" -servername localhost \
+  2>/dev/null | grep -E '^(New|Peer signature type|Verify return code)'
+wait "$SERVER_PID" || true
+tail -n 1 "$CUSTODY_AUDIT_LOG"
+
 if [ "$KEEP" = 1 ]; then
   say "custody-keyd keeps serving (pid $(cat "$LAB/keyd.pid")); try: source $LAB/lab.env && build/bin/custodyctl keys list"
 else
