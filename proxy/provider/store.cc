@@ -6,7 +6,9 @@
 #include <openssl/params.h>
 #include <openssl/x509.h>
 
+#include <algorithm>
 #include <cstring>
+#include <iterator>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -95,30 +97,22 @@ absl::StatusOr<RemoteKey*> FetchKey(StoreContext& ctx) {
   if (remote->pub == nullptr) {
     return OsslError(absl::StatusCode::kInternal, "public key from the key service");
   }
-  switch (key->type()) {
-    case custody::v1::KEY_TYPE_EC_P256:
-      remote->kind = RemoteKeyKind::kEc;
-      remote->type = hsm::KeyType::kEcP256;
-      break;
-    case custody::v1::KEY_TYPE_EC_P384:
-      remote->kind = RemoteKeyKind::kEc;
-      remote->type = hsm::KeyType::kEcP384;
-      break;
-    case custody::v1::KEY_TYPE_EC_P521:
-      remote->kind = RemoteKeyKind::kEc;
-      remote->type = hsm::KeyType::kEcP521;
-      break;
-    case custody::v1::KEY_TYPE_RSA:
-      remote->kind = RemoteKeyKind::kRsa;
-      remote->type = hsm::KeyType::kRsa;
-      break;
-    case custody::v1::KEY_TYPE_ED25519:
-      remote->kind = RemoteKeyKind::kEd25519;
-      remote->type = hsm::KeyType::kEd25519;
-      break;
-    default:
-      return absl::UnimplementedError("key type not supported by the provider");
+  // The key's algorithm; the provider's family (key management, signature) follows from it.
+  static const std::pair<custody::v1::KeyType, hsm::KeyType> kTypes[] = {
+      {custody::v1::KEY_TYPE_EC_P256, hsm::KeyType::kEcP256},
+      {custody::v1::KEY_TYPE_EC_P384, hsm::KeyType::kEcP384},
+      {custody::v1::KEY_TYPE_EC_P521, hsm::KeyType::kEcP521},
+      {custody::v1::KEY_TYPE_RSA, hsm::KeyType::kRsa},
+      {custody::v1::KEY_TYPE_ED25519, hsm::KeyType::kEd25519}};
+  const auto* found = std::find_if(std::begin(kTypes), std::end(kTypes),
+                                   [&](const auto& t) { return t.first == key->type(); });
+  if (found == std::end(kTypes)) {
+    return absl::UnimplementedError("key type not supported by the provider");
   }
+  remote->type = found->second;
+  remote->kind = remote->type == hsm::KeyType::kRsa       ? RemoteKeyKind::kRsa
+                 : remote->type == hsm::KeyType::kEd25519 ? RemoteKeyKind::kEd25519
+                                                          : RemoteKeyKind::kEc;
   return remote.release();
 }
 
