@@ -553,8 +553,8 @@ done
 
 # ---------------------------------------------------------------- ports
 step "choosing free loopback ports"
-read -r KEYD_PORT METRICS_PORT PROXY_PORT BACKEND_PORT < <(labtool ports 4)
-for p in "$KEYD_PORT" "$METRICS_PORT" "$PROXY_PORT" "$BACKEND_PORT"; do
+read -r KEYD_PORT METRICS_PORT PROXY_PORT BACKEND_PORT PROXY_METRICS_PORT < <(labtool ports 5)
+for p in "$KEYD_PORT" "$METRICS_PORT" "$PROXY_PORT" "$BACKEND_PORT" "$PROXY_METRICS_PORT"; do
   [[ "$p" =~ ^[0-9]+$ ]] || die "could not choose ports"
 done
 
@@ -589,6 +589,44 @@ policy:
   - identity: "intruder"
 EOF
 
+# ---------------------------------------------------------------- proxy.yaml
+step "writing proxy.yaml"
+cat >"$DIR/proxy.yaml" <<EOF
+# custody-proxy configuration written by hsm/lab.sh. No private key of a served identity is
+# named here: each certificate names its key in the key service, which signs in the token.
+key_service:
+  addresses: ["127.0.0.1:$KEYD_PORT"]
+  ca_file: "$DIR/ca.crt"
+  # The proxy's own identity towards the key service (CN=proxy), not a served key.
+  cert_file: "$DIR/identities/proxy.crt"
+  key_file: "$DIR/identities/proxy.key"
+  sign_timeout_ms: 2000
+listeners:
+  - name: "lab"
+    listen: "127.0.0.1:$PROXY_PORT"
+    certificates:
+      - key: "lab-ec256"
+        server_names: ["ec256.lab.test"]
+        default: true
+      - key: "lab-ec384"
+        server_names: ["ec384.lab.test"]
+      - key: "lab-rsa2048"
+        server_names: ["rsa2048.lab.test"]
+      - key: "lab-ed25519"
+        server_names: ["ed25519.lab.test"]
+    tls:
+      min_version: "1.2"
+      alpn: ["http/1.1"]
+    backend:
+      address: "127.0.0.1:$BACKEND_PORT"
+limits:
+  handshake_timeout_ms: 10000
+  idle_timeout_ms: 60000
+  drain_timeout_ms: 10000
+metrics:
+  listen: "127.0.0.1:$PROXY_METRICS_PORT"
+EOF
+
 # ---------------------------------------------------------------- finish
 substep "cleaning up scratch files"
 USER_PIN=
@@ -609,8 +647,10 @@ env_line() { # env_line NAME VALUE COMMENT
   env_line CUSTODY_KEYD_CONFIG "$DIR/keyd.yaml" "custody-keyd configuration"
   env_line CUSTODY_KEYD_ADDR "127.0.0.1:$KEYD_PORT" "key service gRPC address"
   env_line CUSTODY_KEYD_METRICS_ADDR "127.0.0.1:$METRICS_PORT" "key service metrics address"
-  env_line CUSTODY_PROXY_ADDR "127.0.0.1:$PROXY_PORT" "free port reserved for the proxy"
-  env_line CUSTODY_BACKEND_ADDR "127.0.0.1:$BACKEND_PORT" "free port reserved for a test backend"
+  env_line CUSTODY_PROXY_CONFIG "$DIR/proxy.yaml" "custody-proxy configuration"
+  env_line CUSTODY_PROXY_ADDR "127.0.0.1:$PROXY_PORT" "custody-proxy TLS listener"
+  env_line CUSTODY_PROXY_METRICS_ADDR "127.0.0.1:$PROXY_METRICS_PORT" "custody-proxy metrics address"
+  env_line CUSTODY_BACKEND_ADDR "127.0.0.1:$BACKEND_PORT" "the lab backend (custody-lab-backend)"
   env_line CUSTODY_CA "$DIR/ca.crt" "lab CA certificate (its key is lab-ca in the token)"
   env_line CUSTODY_AUDIT_LOG "$DIR/audit.log" "key service audit log"
   env_line CUSTODY_KEYD_CERT "$DIR/keyd.crt" "key service TLS certificate"

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/config_check.h"
 #include "custody/v1/keyd_config.pb.h"
 
 namespace custody::keyservice {
@@ -23,17 +24,8 @@ inline constexpr uint32_t kMaxMessageBytesLimit = 1024 * 1024;
 // ValidateKeydConfig fills defaults into `config` and checks it (files are checked to exist).
 [[nodiscard]] absl::Status ValidateKeydConfig(custody::v1::KeydConfig& config);
 
-// HostPort is a parsed "host:port" or "[v6]:port".
-struct HostPort {
-  std::string host;
-  uint16_t port = 0;
-};
-
-// ParseHostPort parses `addr`; port 0 is refused unless `allow_zero_port`.
-[[nodiscard]] absl::StatusOr<HostPort> ParseHostPort(const std::string& addr,
-                                                     bool allow_zero_port = false);
-
-// IsLoopbackHost says whether `host` is localhost, 127.0.0.0/8 or ::1.
-bool IsLoopbackHost(const std::string& host);
+using custody::HostPort;
+using custody::IsLoopbackHost;
+using custody::ParseHostPort;
 
 }  // namespace custody::keyservice

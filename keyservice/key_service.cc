@@ -8,6 +8,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "common/config_check.h"
 #include "common/log.h"
 #include "common/status.h"
 
@@ -19,14 +20,9 @@ using custody::v1::KeyVersion;
 
 std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
 
-// ValidKeyName: 1 to 128 characters from A-Z a-z 0-9 . _ - (what key names are made of), so a
-// caller cannot push megabytes or control characters into the audit log, the log or metrics.
+// CheckKeyName refuses what is not a key name before it reaches the audit log, logs or metrics.
 absl::Status CheckKeyName(const std::string& name) {
-  const bool ok =
-      !name.empty() && name.size() <= 128 && std::all_of(name.begin(), name.end(), [](char c) {
-        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
-               c == '-';
-      });
+  const bool ok = IsValidKeyName(name);
   if (!ok) {
     return absl::InvalidArgumentError(
         "key_name must be 1 to 128 characters from A-Z a-z 0-9 . _ -");

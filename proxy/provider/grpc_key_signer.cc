@@ -23,9 +23,9 @@ absl::Status FromGrpc(const grpc::Status& st) {
 // stack, which may be an ASYNC job's).
 class GrpcKeySigner final : public KeySigner {
  public:
-  explicit GrpcKeySigner(std::shared_ptr<grpc::Channel> channel)
+  GrpcKeySigner(std::shared_ptr<grpc::Channel> channel, absl::Duration sign_timeout)
       : stub_(custody::v1::KeyService::NewStub(channel)),
-        batcher_({channel}, /*max_in_flight=*/2, kSignTimeout),
+        batcher_({channel}, /*max_in_flight=*/2, sign_timeout),
         dispatcher_([this] { Dispatch(); }) {}
 
   ~GrpcKeySigner() override {
@@ -115,6 +115,11 @@ class GrpcKeySigner final : public KeySigner {
 
 }  // namespace
 
+std::shared_ptr<KeySigner> MakeGrpcKeySigner(std::shared_ptr<grpc::Channel> channel,
+                                             absl::Duration sign_timeout) {
+  return std::make_shared<GrpcKeySigner>(std::move(channel), sign_timeout);
+}
+
 absl::StatusOr<std::shared_ptr<KeySigner>> MakeGrpcKeySignerFromEnv() {
   const char* identity = std::getenv("CUSTODY_IDENTITY");
   auto settings = keyservice::SettingsForIdentity(
@@ -126,7 +131,7 @@ absl::StatusOr<std::shared_ptr<KeySigner>> MakeGrpcKeySignerFromEnv() {
   if (!channel.ok()) {
     return channel.status();
   }
-  return std::make_shared<GrpcKeySigner>(*std::move(channel));
+  return MakeGrpcKeySigner(*std::move(channel), kSignTimeout);
 }
 
 }  // namespace custody::provider

@@ -11,6 +11,10 @@
 #include "absl/time/time.h"
 #include "custody/v1/key_service.pb.h"
 
+namespace grpc {
+class Channel;
+}  // namespace grpc
+
 namespace custody::provider {
 
 // kSignTimeout bounds one signature, from the request to the answer.
@@ -38,6 +42,11 @@ class KeySigner {
   [[nodiscard]] virtual absl::StatusOr<custody::v1::Key> GetKey(const std::string& name,
                                                                 absl::Time deadline) = 0;
 };
+
+// MakeGrpcKeySigner signs over `channel` (mutual TLS to custody-keyd, see keyservice/client.h):
+// blocking calls are unary; asynchronous ones are batched, each bounded by `sign_timeout`.
+[[nodiscard]] std::shared_ptr<KeySigner> MakeGrpcKeySigner(std::shared_ptr<grpc::Channel> channel,
+                                                           absl::Duration sign_timeout);
 
 // MakeGrpcKeySignerFromEnv connects with the lab.env variables: CUSTODY_KEYD_ADDR, CUSTODY_CA
 // and CUSTODY_PROXY_CERT / CUSTODY_PROXY_KEY (the identity named by CUSTODY_IDENTITY, default

@@ -3,6 +3,9 @@
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/params.h>
+#include <openssl/provider.h>
+
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 
@@ -80,8 +83,9 @@ int RaiseStatus(const absl::Status& status) {
 }
 
 int Init(const OSSL_CORE_HANDLE* /*handle*/, const OSSL_DISPATCH* /*in*/, const OSSL_DISPATCH** out,
-         void** provctx, std::shared_ptr<KeySigner> signer) {
+         void** provctx, std::shared_ptr<KeySigner> signer, absl::Duration sign_timeout) {
   auto ctx = std::make_unique<ProviderContext>();
+  ctx->sign_timeout = sign_timeout;
   if (signer != nullptr) {
     ctx->signer = std::move(signer);
   } else {
@@ -99,11 +103,47 @@ int Init(const OSSL_CORE_HANDLE* /*handle*/, const OSSL_DISPATCH* /*in*/, const 
   return 1;
 }
 
+namespace {
+
+// OSSL_PROVIDER_add_builtin takes a plain function: LoadBuiltin hands the signer to it through
+// this slot, under a lock, for the duration of one synchronous OSSL_PROVIDER_load.
+std::mutex g_builtin_mu;
+std::shared_ptr<KeySigner> g_builtin_signer;
+absl::Duration g_builtin_timeout = kSignTimeout;
+
+int BuiltinInit(const OSSL_CORE_HANDLE* handle, const OSSL_DISPATCH* in, const OSSL_DISPATCH** out,
+                void** provctx) {
+  return Init(handle, in, out, provctx, g_builtin_signer, g_builtin_timeout);
+}
+
+}  // namespace
+
+absl::Status LoadBuiltin(OSSL_LIB_CTX* libctx, std::shared_ptr<KeySigner> signer,
+                         absl::Duration sign_timeout) {
+  if (signer == nullptr) {
+    return absl::InvalidArgumentError("the custody provider needs a key signer");
+  }
+  if (OSSL_PROVIDER_load(libctx, "default") == nullptr) {
+    return OsslError(absl::StatusCode::kInternal, "loading the default provider");
+  }
+  std::lock_guard<std::mutex> lock(g_builtin_mu);
+  g_builtin_signer = std::move(signer);
+  g_builtin_timeout = sign_timeout;
+  const bool ok = OSSL_PROVIDER_add_builtin(libctx, "custody", BuiltinInit) == 1 &&
+                  OSSL_PROVIDER_load(libctx, "custody") != nullptr;
+  g_builtin_signer.reset();
+  if (!ok) {
+    return OsslError(absl::StatusCode::kInternal, "loading the custody provider");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace custody::provider
 
 // The loadable module's entry point; exported explicitly since symbols are hidden.
 extern "C" __attribute__((visibility("default"))) int OSSL_provider_init(
     const OSSL_CORE_HANDLE* handle, const OSSL_DISPATCH* in, const OSSL_DISPATCH** out,
     void** provctx) {
-  return custody::provider::Init(handle, in, out, provctx, nullptr);
+  return custody::provider::Init(handle, in, out, provctx, nullptr,
+                                 custody::provider::kSignTimeout);
 }

@@ -72,6 +72,12 @@ extern const OSSL_DISPATCH kCustodyStore[];
 // Init is the provider's OSSL_provider_init, with the key service given (for the proxy, which
 // links the provider in) or taken from the environment (signer null).
 int Init(const OSSL_CORE_HANDLE* handle, const OSSL_DISPATCH* in, const OSSL_DISPATCH** out,
-         void** provctx, std::shared_ptr<KeySigner> signer);
+         void** provctx, std::shared_ptr<KeySigner> signer, absl::Duration sign_timeout);
+
+// LoadBuiltin loads the default provider and the custody provider, signing through `signer`
+// with `sign_timeout` per signature, into `libctx` (for a program that links the provider in).
+// Call once per library context.
+[[nodiscard]] absl::Status LoadBuiltin(OSSL_LIB_CTX* libctx, std::shared_ptr<KeySigner> signer,
+                                       absl::Duration sign_timeout);
 
 }  // namespace custody::provider

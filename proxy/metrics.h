@@ -1,0 +1,89 @@
+// ProxyMetrics: custody-proxy's Prometheus metrics. The names are a public contract (dashboards
+// and alerts depend on them): add, never rename.
+//
+//   custody_proxy_handshakes_total{listener,outcome}      ok, failed, timeout, aborted
+//   custody_proxy_handshake_duration_seconds{listener}    accept to finished handshake
+//   custody_proxy_sign_duration_seconds{key,scheme}       key-service signature, request to answer
+//   custody_proxy_sign_errors_total{key,code}             signatures that failed, by status code
+//   custody_proxy_connections_open{listener}              client connections open now
+//   custody_proxy_connections_total{listener,outcome}     closed connections: ok, backend_error,
+//                                                         client_error, idle_timeout, drained
+//   custody_proxy_bytes_total{listener,direction}         relayed: client_to_backend,
+//                                                         backend_to_client
+//   custody_proxy_accept_paused_total{reason}             accepting paused: connections, handshakes
+//   custody_proxy_config_reloads_total{outcome}           SIGHUP reloads: ok, refused
+//   custody_proxy_certificate_not_after_seconds{listener,key}  served leaf certificate expiry
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "absl/status/statusor.h"
+
+namespace custody::proxy {
+
+enum class HandshakeOutcome { kOk, kFailed, kTimeout, kAborted, kCount };
+enum class CloseReason { kOk, kBackendError, kClientError, kIdleTimeout, kDrained, kCount };
+
+// ListenerMetrics are one listener's series, made once (workers update them on the hot path).
+struct ListenerMetrics {
+  prometheus::Counter* handshakes[static_cast<int>(HandshakeOutcome::kCount)] = {};
+  prometheus::Histogram* handshake_duration = nullptr;
+  prometheus::Gauge* open = nullptr;
+  prometheus::Counter* closed[static_cast<int>(CloseReason::kCount)] = {};
+  prometheus::Counter* bytes_client_to_backend = nullptr;
+  prometheus::Counter* bytes_backend_to_client = nullptr;
+};
+
+class ProxyMetrics {
+ public:
+  ProxyMetrics();
+
+  // Serve starts the /metrics endpoint on `listen` (host:port). Returns the bound port.
+  [[nodiscard]] absl::StatusOr<uint16_t> Serve(const std::string& listen);
+
+  // ForListener returns the series of listener `name`, making them on first use. Thread-safe;
+  // the result lives as long as this object.
+  ListenerMetrics* ForListener(const std::string& name);
+
+  // Record* and Set* are thread-safe.
+  void RecordSign(const std::string& key, const std::string& scheme, const std::string& code,
+                  double seconds);
+  void RecordAcceptPaused(bool for_handshakes);
+  void RecordReload(bool ok);
+  void SetCertificateNotAfter(const std::string& listener, const std::string& key,
+                              double unix_seconds);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& handshakes_;
+  prometheus::Family<prometheus::Histogram>& handshake_duration_;
+  prometheus::Family<prometheus::Histogram>& sign_duration_;
+  prometheus::Family<prometheus::Counter>& sign_errors_;
+  prometheus::Family<prometheus::Gauge>& open_;
+  prometheus::Family<prometheus::Counter>& closed_;
+  prometheus::Family<prometheus::Counter>& bytes_;
+  prometheus::Family<prometheus::Counter>& accept_paused_;
+  prometheus::Family<prometheus::Counter>& reloads_;
+  prometheus::Counter& paused_connections_;
+  prometheus::Counter& paused_handshakes_;
+  prometheus::Counter& reloads_ok_;
+  prometheus::Counter& reloads_refused_;
+  prometheus::Family<prometheus::Gauge>& not_after_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+
+  std::mutex mu_;  // Guards the caches below.
+  std::unordered_map<std::string, std::unique_ptr<ListenerMetrics>> listeners_;
+  std::unordered_map<std::string, prometheus::Histogram*> sign_series_;
+  std::unordered_map<std::string, prometheus::Counter*> sign_error_series_;
+};
+
+}  // namespace custody::proxy

@@ -1,0 +1,814 @@
+#include "proxy/worker.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/ossl.h"
+
+namespace custody::proxy {
+
+int64_t NowMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+namespace {
+
+std::atomic<uint64_t> g_next_connection_id{1};
+
+// A relay turn moves at most this many buffers' worth per connection before the loop serves
+// the others (fairness); the rest is picked up in the next turn.
+constexpr int kPumpRoundsPerTurn = 16;
+constexpr int kMaxEvents = 256;
+constexpr int kAcceptsPerTurn = 64;
+constexpr int64_t kSweepMs = 100;
+
+// SslErrorText drains this thread's OpenSSL errors into one line (for logs).
+std::string SslErrorText() {
+  std::string out;
+  while (unsigned long e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof(buf));
+    absl::StrAppend(&out, out.empty() ? "" : "; ", buf);
+  }
+  return out.empty() ? "no OpenSSL error" : out;
+}
+
+std::string ErrnoText(int err) { return std::strerror(err); }
+
+}  // namespace
+
+// Watch tags an epoll registration with what it is for.
+struct Worker::Watch {
+  enum class Kind : uint8_t { kListener, kControl, kClient, kBackend, kAsync };
+  Kind kind;
+  Connection* conn = nullptr;
+  size_t listener = 0;
+};
+
+// RelayBuffer holds bytes read from one side until the other side takes them.
+struct RelayBuffer {
+  std::unique_ptr<char[]> data;
+  uint32_t cap = 0;
+  uint32_t start = 0;
+  uint32_t end = 0;
+
+  void Allocate(uint32_t bytes) {
+    data.reset(new char[bytes]);
+    cap = bytes;
+  }
+  uint32_t size() const { return end - start; }
+  // space is what can be appended; a drained front is reclaimed first.
+  uint32_t space() {
+    if (end == cap && start > 0) {
+      std::memmove(data.get(), data.get() + start, end - start);
+      end -= start;
+      start = 0;
+    }
+    return cap - end;
+  }
+  char* head() { return data.get() + start; }
+  char* tail() { return data.get() + end; }
+  void Produce(uint32_t n) { end += n; }
+  void Consume(uint32_t n) {
+    start += n;
+    if (start == end) {
+      start = end = 0;
+    }
+  }
+};
+
+struct Worker::Connection {
+  enum class Phase { kHandshake, kConnecting, kRelay };
+
+  uint64_t id = 0;
+  size_t index = 0;  // In Worker::connections_.
+  size_t listener = 0;
+  std::shared_ptr<const ProxyState> state;  // Keeps the listener's TLS contexts alive.
+  const ListenerRuntime* runtime = nullptr;
+  UniqueFd client;
+  UniqueFd backend;
+  OsslPtr<SSL> ssl;
+  Phase phase = Phase::kHandshake;
+  Watch client_watch{Watch::Kind::kClient};
+  Watch backend_watch{Watch::Kind::kBackend};
+  Watch async_watch{Watch::Kind::kAsync};
+  uint32_t client_events = 0;
+  uint32_t backend_events = 0;
+  bool client_registered = false;
+  bool backend_registered = false;
+  std::vector<int> async_fds;
+
+  int64_t accepted_ms = 0;
+  int64_t deadline_ms = 0;  // Handshake or connect deadline.
+  int64_t last_active_ms = 0;
+
+  bool paused = false;     // A handshake ASYNC job is waiting for its signature.
+  bool abandoned = false;  // Closed while paused: freed once the job has finished.
+  bool closed = false;     // Waiting to be freed at the end of the loop turn.
+  bool queued_pump = false;
+
+  bool client_eof = false;        // No more bytes will come from the client.
+  bool backend_eof = false;       // No more bytes will come from the backend.
+  bool backend_shut_wr = false;   // The client's EOF was passed on (shutdown(SHUT_WR)).
+  bool close_notify_sent = false; // The backend's EOF was passed on (close_notify).
+  uint32_t ssl_read_want = EPOLLIN;
+  uint32_t ssl_write_want = EPOLLOUT;
+  RelayBuffer to_backend;
+  RelayBuffer to_client;
+  uint64_t bytes_to_backend = 0;
+  uint64_t bytes_to_client = 0;
+};
+
+Worker::Worker(int index, std::vector<UniqueFd> listen_fds, std::shared_ptr<const ProxyState> state,
+               ProxyMetrics* metrics)
+    : index_(index), listen_fds_(std::move(listen_fds)), state_(std::move(state)),
+      metrics_(metrics) {}
+
+Worker::~Worker() {
+  for (auto& c : connections_) {
+    c->ssl.reset();
+  }
+}
+
+absl::Status Worker::Init() {
+  epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
+  control_.Reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!epoll_.valid() || !control_.valid()) {
+    return absl::InternalError(absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
+  }
+  control_watch_ = std::make_unique<Watch>(Watch{Watch::Kind::kControl});
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = control_watch_.get();
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, control_.get(), &ev) != 0) {
+    return absl::InternalError(absl::StrCat("epoll_ctl: ", ErrnoText(errno)));
+  }
+  for (size_t i = 0; i < listen_fds_.size(); ++i) {
+    listen_watches_.push_back(std::make_unique<Watch>(Watch{Watch::Kind::kListener, nullptr, i}));
+    ev.events = EPOLLIN;
+    ev.data.ptr = listen_watches_.back().get();
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listen_fds_[i].get(), &ev) != 0) {
+      return absl::InternalError(absl::StrCat("epoll_ctl: ", ErrnoText(errno)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Worker::SetState(std::shared_ptr<const ProxyState> state) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_state_ = std::move(state);
+  }
+  const uint64_t one = 1;
+  (void)!::write(control_.get(), &one, sizeof(one));
+}
+
+void Worker::Drain(int64_t deadline_ms) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_drain_ms_ = deadline_ms;
+  }
+  const uint64_t one = 1;
+  (void)!::write(control_.get(), &one, sizeof(one));
+}
+
+void Worker::OnControl() {
+  uint64_t n = 0;
+  (void)!::read(control_.get(), &n, sizeof(n));
+  std::shared_ptr<const ProxyState> state;
+  int64_t drain = -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    state = std::move(pending_state_);
+    drain = std::exchange(pending_drain_ms_, -1);
+  }
+  if (state != nullptr) {
+    state_ = std::move(state);
+    spdlog::debug("worker {}: configuration generation {} in use", index_, state_->generation);
+  }
+  if (drain >= 0) {
+    if (!draining_) {
+      // Stop accepting: closing the sockets lets the kernel refuse new connections at once.
+      for (auto& fd : listen_fds_) {
+        ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd.get(), nullptr);
+        fd.Reset();
+      }
+      accepting_ = false;
+      spdlog::info("worker {}: draining {} connection(s)", index_, connections_.size());
+    }
+    draining_ = true;
+    drain_deadline_ms_ = drain;
+  }
+}
+
+void Worker::SetAccepting(bool on) {
+  if (on == accepting_ || draining_) {
+    return;
+  }
+  accepting_ = on;
+  for (size_t i = 0; i < listen_fds_.size(); ++i) {
+    epoll_event ev{};
+    ev.events = on ? static_cast<uint32_t>(EPOLLIN) : 0u;
+    ev.data.ptr = listen_watches_[i].get();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, listen_fds_[i].get(), &ev);
+  }
+}
+
+bool Worker::AtLimit() const {
+  return connections_.size() >= state_->limits.max_connections() ||
+         handshakes_ >= static_cast<int>(state_->limits.max_handshakes());
+}
+
+void Worker::Run() {
+  epoll_event events[kMaxEvents];
+  int64_t next_sweep = NowMs() + kSweepMs;
+  for (;;) {
+    if (draining_ && connections_.empty()) {
+      break;
+    }
+    int timeout = -1;
+    if (!to_pump_.empty()) {
+      timeout = 0;
+    } else if (!connections_.empty() || draining_) {
+      timeout = static_cast<int>(std::max<int64_t>(0, next_sweep - NowMs()));
+    }
+    const int n = ::epoll_wait(epoll_.get(), events, kMaxEvents, timeout);
+    if (n < 0 && errno != EINTR) {
+      spdlog::error("worker {}: epoll_wait: {}", index_, ErrnoText(errno));
+      break;
+    }
+    for (int i = 0; i < n; ++i) {
+      auto* watch = static_cast<Watch*>(events[i].data.ptr);
+      switch (watch->kind) {
+        case Watch::Kind::kControl:
+          OnControl();
+          break;
+        case Watch::Kind::kListener:
+          OnAccept(watch->listener);
+          break;
+        default: {
+          Connection& conn = *watch->conn;
+          if (conn.abandoned) {
+            if (watch->kind == Watch::Kind::kAsync) {
+              Handshake(conn);  // The job can finish now; the connection is freed then.
+            }
+          } else if (!conn.closed) {
+            OnEvent(watch, events[i].events);
+          }
+        }
+      }
+    }
+    // Relays that used up their quota continue here, after everyone else had a turn.
+    std::vector<Connection*> pump;
+    pump.swap(to_pump_);
+    for (Connection* c : pump) {
+      c->queued_pump = false;
+      if (!c->closed) {
+        Pump(*c);
+      }
+    }
+    const int64_t now = NowMs();
+    if (now >= next_sweep) {
+      Sweep(now);
+      next_sweep = now + kSweepMs;
+    }
+    for (Connection* c : to_free_) {
+      Free(*c);
+    }
+    to_free_.clear();
+    if (!draining_) {
+      SetAccepting(!AtLimit());
+    }
+  }
+  spdlog::debug("worker {}: stopped", index_);
+}
+
+void Worker::OnAccept(size_t listener) {
+  const ListenerRuntime& rt = state_->listeners[listener];
+  for (int i = 0; i < kAcceptsPerTurn; ++i) {
+    if (AtLimit()) {
+      metrics_->RecordAcceptPaused(connections_.size() < state_->limits.max_connections());
+      SetAccepting(false);
+      return;
+    }
+    const int fd =
+        ::accept4(listen_fds_[listener].get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        spdlog::warn("worker {}: accept on {}: {} (pausing accepts until a connection closes)",
+                    index_, rt.name, ErrnoText(errno));
+        SetAccepting(false);
+      }
+      return;  // EAGAIN, or the peer gave up (ECONNABORTED): nothing to do.
+    }
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    auto c = std::make_unique<Connection>();
+    c->id = g_next_connection_id.fetch_add(1, std::memory_order_relaxed);
+    c->listener = listener;
+    c->state = state_;
+    c->runtime = &c->state->listeners[listener];
+    c->client.Reset(fd);
+    c->ssl = rt.tls->NewSsl();
+    if (c->ssl == nullptr || SSL_set_fd(c->ssl.get(), fd) != 1) {
+      spdlog::error("[C{}] {}: cannot make a TLS connection: {}", c->id, rt.name, SslErrorText());
+      continue;  // `c` closes the socket.
+    }
+    c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
+    c->accepted_ms = c->last_active_ms = NowMs();
+    c->deadline_ms = c->accepted_ms + state_->limits.handshake_timeout_ms();
+    c->index = connections_.size();
+    Connection& ref = *c;
+    connections_.push_back(std::move(c));
+    ++handshakes_;
+    open_.fetch_add(1, std::memory_order_relaxed);
+    rt.metrics->open->Increment();
+    spdlog::debug("[C{}] {}: accepted", ref.id, rt.name);
+    Handshake(ref);
+  }
+}
+
+void Worker::OnEvent(Watch* watch, uint32_t events) {
+  Connection& c = *watch->conn;
+  switch (c.phase) {
+    case Connection::Phase::kHandshake:
+      if (watch->kind == Watch::Kind::kAsync || !c.paused) {
+        Handshake(c);
+      } else if (events & (EPOLLHUP | EPOLLERR)) {
+        // Reported even with no interest set: the client left while its signature is made.
+        FailHandshake(c, HandshakeOutcome::kAborted,
+                      "client went away while its signature was being made");
+      }
+      break;
+    case Connection::Phase::kConnecting:
+      if (watch->kind == Watch::Kind::kBackend) {
+        OnBackendConnected(c);
+      } else if (watch->kind == Watch::Kind::kClient && (events & (EPOLLHUP | EPOLLERR))) {
+        Close(c, CloseReason::kClientError, "client went away before the backend answered");
+      } else if (!Pump(c) && (events & (EPOLLHUP | EPOLLERR)) && !c.closed) {
+        Close(c, CloseReason::kClientError, "client went away before the backend answered");
+      }
+      break;
+    case Connection::Phase::kRelay:
+      // A hang-up or error is reported even when nothing is wanted from that socket: if it
+      // lets nothing more move, the connection is over.
+      if (!Pump(c) && (events & (EPOLLHUP | EPOLLERR)) && !c.closed) {
+        Close(c,
+              watch->kind == Watch::Kind::kClient ? CloseReason::kClientError
+                                                  : CloseReason::kBackendError,
+              watch->kind == Watch::Kind::kClient ? "client hung up" : "backend hung up");
+      }
+      break;
+  }
+}
+
+void Worker::SetInterest(int fd, Watch* watch, uint32_t* current, bool* registered,
+                         uint32_t wanted) {
+  if (*registered && *current == wanted) {
+    return;
+  }
+  epoll_event ev{};
+  ev.events = wanted;
+  ev.data.ptr = watch;
+  if (::epoll_ctl(epoll_.get(), *registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) == 0) {
+    *registered = true;
+    *current = wanted;
+  }
+}
+
+void Worker::SyncAsyncFds(Connection& c) {
+  size_t n_add = 0;
+  size_t n_del = 0;
+  if (SSL_get_changed_async_fds(c.ssl.get(), nullptr, &n_add, nullptr, &n_del) != 1 ||
+      (n_add == 0 && n_del == 0)) {
+    return;
+  }
+  std::vector<OSSL_ASYNC_FD> add(n_add);
+  std::vector<OSSL_ASYNC_FD> del(n_del);
+  SSL_get_changed_async_fds(c.ssl.get(), add.data(), &n_add, del.data(), &n_del);
+  for (size_t i = 0; i < n_del; ++i) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, del[i], nullptr);
+    c.async_fds.erase(std::remove(c.async_fds.begin(), c.async_fds.end(), del[i]),
+                      c.async_fds.end());
+  }
+  for (size_t i = 0; i < n_add; ++i) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.ptr = &c.async_watch;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, add[i], &ev) == 0) {
+      c.async_fds.push_back(add[i]);
+    }
+  }
+}
+
+void Worker::Handshake(Connection& c) {
+  ERR_clear_error();
+  const int r = SSL_do_handshake(c.ssl.get());
+  const int err = r == 1 ? SSL_ERROR_NONE : SSL_get_error(c.ssl.get(), r);
+  SyncAsyncFds(c);
+  c.paused = err == SSL_ERROR_WANT_ASYNC;
+  if (c.abandoned) {
+    if (!c.paused) {
+      ERR_clear_error();
+      c.abandoned = false;
+      to_free_.push_back(&c);  // The job is over: nothing refers to the connection any more.
+    }
+    return;
+  }
+  switch (err) {
+    case SSL_ERROR_NONE: {
+      --handshakes_;
+      const ListenerRuntime& rt = *c.runtime;
+      rt.metrics->handshakes[static_cast<int>(HandshakeOutcome::kOk)]->Increment();
+      rt.metrics->handshake_duration->Observe(static_cast<double>(NowMs() - c.accepted_ms) /
+                                              1000.0);
+      // Signatures are over; relaying needs no ASYNC job around every read and write.
+      SSL_clear_mode(c.ssl.get(), SSL_MODE_ASYNC);
+      if (spdlog::should_log(spdlog::level::debug)) {
+        const char* sni = SSL_get_servername(c.ssl.get(), TLSEXT_NAMETYPE_host_name);
+        const unsigned char* alpn = nullptr;
+        unsigned int alpn_len = 0;
+        SSL_get0_alpn_selected(c.ssl.get(), &alpn, &alpn_len);
+        spdlog::debug("[C{}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id, rt.name,
+                     SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
+                     sni != nullptr ? sni : "-",
+                     alpn_len > 0 ? std::string(reinterpret_cast<const char*>(alpn), alpn_len)
+                                  : std::string("-"),
+                     SSL_session_reused(c.ssl.get()) == 1);
+      }
+      StartBackend(c);
+      return;
+    }
+    case SSL_ERROR_WANT_READ:
+      SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered,
+                  EPOLLIN);
+      return;
+    case SSL_ERROR_WANT_WRITE:
+      SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered,
+                  EPOLLOUT);
+      return;
+    case SSL_ERROR_WANT_ASYNC:
+      // Waiting for the signature: the client socket is not read meanwhile (a paused job must
+      // be resumed before anything else happens on this connection).
+      if (c.client_registered && c.client_events != 0) {
+        SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered, 0);
+      }
+      if (c.async_fds.empty()) {
+        FailHandshake(c, HandshakeOutcome::kFailed, "paused without a wait fd");
+      }
+      return;
+    case SSL_ERROR_ZERO_RETURN:
+    case SSL_ERROR_SYSCALL:
+      if (ERR_peek_error() == 0) {
+        FailHandshake(c, HandshakeOutcome::kAborted,
+                      absl::StrCat("client closed the connection during the handshake",
+                                   errno != 0 ? absl::StrCat(" (", ErrnoText(errno), ")") : ""));
+        return;
+      }
+      [[fallthrough]];
+    default:
+      FailHandshake(c, HandshakeOutcome::kFailed, SslErrorText());
+  }
+}
+
+void Worker::FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why) {
+  c.runtime->metrics->handshakes[static_cast<int>(outcome)]->Increment();
+  spdlog::info("[C{}] {}: handshake {}: {}", c.id, c.runtime->name,
+              outcome == HandshakeOutcome::kTimeout ? "timed out" : "failed", why);
+  Close(c, CloseReason::kClientError, "");
+}
+
+void Worker::StartBackend(Connection& c) {
+  const ListenerRuntime& rt = *c.runtime;
+  c.to_backend.Allocate(state_->limits.buffer_bytes());
+  c.to_client.Allocate(state_->limits.buffer_bytes());
+  const int family = rt.backend_addr.ss_family;
+  c.backend.Reset(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!c.backend.valid()) {
+    Close(c, CloseReason::kBackendError, absl::StrCat("backend socket: ", ErrnoText(errno)));
+    return;
+  }
+  if (family != AF_UNIX) {
+    const int one = 1;
+    ::setsockopt(c.backend.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  }
+  c.phase = Connection::Phase::kConnecting;
+  c.deadline_ms = NowMs() + rt.connect_timeout_ms;
+  if (::connect(c.backend.get(), reinterpret_cast<const sockaddr*>(&rt.backend_addr),
+                rt.backend_addr_len) == 0) {
+    c.phase = Connection::Phase::kRelay;
+    Pump(c);
+    return;
+  }
+  if (errno != EINPROGRESS && errno != EAGAIN) {
+    Close(c, CloseReason::kBackendError,
+          absl::StrCat("backend ", rt.backend.unix_path.empty() ? "" : "unix:",
+                       rt.backend.unix_path.empty()
+                           ? absl::StrCat(rt.backend.host, ":", rt.backend.port)
+                           : rt.backend.unix_path,
+                           ": ", ErrnoText(errno)));
+    return;
+  }
+  SetInterest(c.backend.get(), &c.backend_watch, &c.backend_events, &c.backend_registered,
+              EPOLLOUT);
+  Pump(c);  // The client may have sent its first bytes with the handshake.
+}
+
+void Worker::OnBackendConnected(Connection& c) {
+  int err = 0;
+  socklen_t len = sizeof(err);
+  ::getsockopt(c.backend.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+  if (err != 0) {
+    const ListenerRuntime& rt = *c.runtime;
+    Close(c, CloseReason::kBackendError,
+          absl::StrCat("backend ",
+                       rt.backend.unix_path.empty()
+                           ? absl::StrCat(rt.backend.host, ":", rt.backend.port)
+                           : absl::StrCat("unix:", rt.backend.unix_path),
+                       ": ", ErrnoText(err)));
+    return;
+  }
+  c.phase = Connection::Phase::kRelay;
+  c.last_active_ms = NowMs();
+  Pump(c);
+}
+
+// Pump moves bytes both ways until neither side can make progress, then waits for the sockets
+// that were not ready. It reads from a side only while its buffer has room (backpressure) and
+// passes each side's end on once its buffer is empty (half-close).
+bool Worker::Pump(Connection& c) {
+  bool moved = false;
+  const bool connected = c.phase == Connection::Phase::kRelay;
+  bool progress = true;
+  int rounds = 0;
+  uint64_t to_backend = 0;
+  uint64_t to_client = 0;
+  while (progress && rounds++ < kPumpRoundsPerTurn) {
+    moved = moved || rounds > 1;
+    progress = false;
+    // Client -> buffer.
+    if (!c.client_eof && c.to_backend.space() > 0) {
+      ERR_clear_error();
+      const int n = SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
+      if (n > 0) {
+        c.to_backend.Produce(static_cast<uint32_t>(n));
+        progress = true;
+      } else {
+        switch (SSL_get_error(c.ssl.get(), n)) {
+          case SSL_ERROR_WANT_READ:
+            c.ssl_read_want = EPOLLIN;
+            break;
+          case SSL_ERROR_WANT_WRITE:
+            c.ssl_read_want = EPOLLOUT;
+            break;
+          case SSL_ERROR_ZERO_RETURN:
+            c.client_eof = true;
+            progress = true;
+            break;
+          default:
+            Close(c, CloseReason::kClientError,
+                  absl::StrCat("reading from the client: ",
+                               ERR_peek_error() != 0 ? SslErrorText() : ErrnoText(errno)));
+            return true;
+        }
+      }
+    }
+    // Buffer -> backend.
+    if (connected && c.to_backend.size() > 0) {
+      const ssize_t n = ::send(c.backend.get(), c.to_backend.head(), c.to_backend.size(),
+                               MSG_NOSIGNAL);
+      if (n > 0) {
+        c.to_backend.Consume(static_cast<uint32_t>(n));
+        to_backend += static_cast<uint64_t>(n);
+        progress = true;
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        Close(c, CloseReason::kBackendError,
+              absl::StrCat("writing to the backend: ", ErrnoText(errno)));
+        return true;
+      }
+    }
+    if (connected && c.client_eof && c.to_backend.size() == 0 && !c.backend_shut_wr) {
+      ::shutdown(c.backend.get(), SHUT_WR);
+      c.backend_shut_wr = true;
+    }
+    // Backend -> buffer.
+    if (connected && !c.backend_eof && c.to_client.space() > 0) {
+      const ssize_t n = ::recv(c.backend.get(), c.to_client.tail(), c.to_client.space(), 0);
+      if (n > 0) {
+        c.to_client.Produce(static_cast<uint32_t>(n));
+        progress = true;
+      } else if (n == 0) {
+        c.backend_eof = true;
+        progress = true;
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        Close(c, CloseReason::kBackendError,
+              absl::StrCat("reading from the backend: ", ErrnoText(errno)));
+        return true;
+      }
+    }
+    // Buffer -> client.
+    if (c.to_client.size() > 0) {
+      ERR_clear_error();
+      const int n = SSL_write(c.ssl.get(), c.to_client.head(), static_cast<int>(c.to_client.size()));
+      if (n > 0) {
+        c.to_client.Consume(static_cast<uint32_t>(n));
+        to_client += static_cast<uint64_t>(n);
+        progress = true;
+      } else {
+        switch (SSL_get_error(c.ssl.get(), n)) {
+          case SSL_ERROR_WANT_WRITE:
+            c.ssl_write_want = EPOLLOUT;
+            break;
+          case SSL_ERROR_WANT_READ:
+            c.ssl_write_want = EPOLLIN;
+            break;
+          default:
+            Close(c, CloseReason::kClientError,
+                  absl::StrCat("writing to the client: ",
+                               ERR_peek_error() != 0 ? SslErrorText() : ErrnoText(errno)));
+            return true;
+        }
+      }
+    }
+    if (c.backend_eof && c.to_client.size() == 0 && !c.close_notify_sent) {
+      ERR_clear_error();
+      const int r = SSL_shutdown(c.ssl.get());  // Sends close_notify; reading goes on.
+      if (r >= 0) {
+        c.close_notify_sent = true;
+        progress = true;
+      } else {
+        const int e = SSL_get_error(c.ssl.get(), r);
+        if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+          c.ssl_write_want = e == SSL_ERROR_WANT_WRITE ? EPOLLOUT : EPOLLIN;
+        } else {
+          c.close_notify_sent = true;  // The client is gone; nothing more to say.
+          ERR_clear_error();
+        }
+      }
+    }
+  }
+  if (to_backend + to_client > 0) {
+    c.last_active_ms = NowMs();
+    c.bytes_to_backend += to_backend;
+    c.bytes_to_client += to_client;
+    if (to_backend > 0) {
+      c.runtime->metrics->bytes_client_to_backend->Increment(static_cast<double>(to_backend));
+    }
+    if (to_client > 0) {
+      c.runtime->metrics->bytes_backend_to_client->Increment(static_cast<double>(to_client));
+    }
+  }
+  if (c.client_eof && c.backend_shut_wr && c.backend_eof && c.close_notify_sent &&
+      c.to_client.size() == 0) {
+    Close(c, CloseReason::kOk, "");
+    return true;
+  }
+  if (progress) {
+    // Quota used up with work left: continue after the other connections had their turn.
+    if (!c.queued_pump) {
+      c.queued_pump = true;
+      to_pump_.push_back(&c);
+    }
+  }
+  UpdateInterest(c);
+  return moved || progress;
+}
+
+void Worker::UpdateInterest(Connection& c) {
+  uint32_t client = 0;
+  if (!c.client_eof && c.to_backend.space() > 0) {
+    client |= c.ssl_read_want;
+  }
+  if (c.to_client.size() > 0 || (c.backend_eof && !c.close_notify_sent)) {
+    client |= c.ssl_write_want;
+  }
+  SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered, client);
+  if (c.phase == Connection::Phase::kConnecting) {
+    return;  // Waiting for EPOLLOUT on the connecting socket.
+  }
+  uint32_t backend = 0;
+  if (!c.backend_eof && c.to_client.space() > 0) {
+    backend |= EPOLLIN;
+  }
+  if (c.to_backend.size() > 0) {
+    backend |= EPOLLOUT;
+  }
+  SetInterest(c.backend.get(), &c.backend_watch, &c.backend_events, &c.backend_registered,
+              backend);
+}
+
+void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
+  if (c.closed) {
+    return;
+  }
+  const ListenerRuntime& rt = *c.runtime;
+  if (!why.empty()) {
+    spdlog::info("[C{}] {}: closed: {} (relayed {} bytes to the backend, {} to the client)", c.id,
+                rt.name, why, c.bytes_to_backend, c.bytes_to_client);
+  } else {
+    spdlog::debug("[C{}] {}: closed (relayed {} bytes to the backend, {} to the client)", c.id,
+                 rt.name, c.bytes_to_backend, c.bytes_to_client);
+  }
+  rt.metrics->closed[static_cast<int>(reason)]->Increment();
+  c.closed = true;
+  open_.fetch_sub(1, std::memory_order_relaxed);
+  rt.metrics->open->Decrement();
+  if (c.client_registered) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.client.get(), nullptr);
+    c.client_registered = false;
+  }
+  if (c.backend.valid()) {
+    if (c.backend_registered) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.backend.get(), nullptr);
+    }
+    c.backend.Reset();
+  }
+  if (c.paused) {
+    // Never free a connection whose handshake job is paused (it would leak the job and the
+    // answer would arrive for freed memory): end the TCP connection now, keep the descriptor
+    // (the job's BIO refers to it) and free everything once the job has finished.
+    ::shutdown(c.client.get(), SHUT_RDWR);
+    c.abandoned = true;
+    return;
+  }
+  to_free_.push_back(&c);
+}
+
+void Worker::Free(Connection& c) {
+  if (c.queued_pump) {
+    to_pump_.erase(std::remove(to_pump_.begin(), to_pump_.end(), &c), to_pump_.end());
+  }
+  if (c.phase == Connection::Phase::kHandshake) {
+    --handshakes_;
+  }
+  for (int fd : c.async_fds) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  }
+  c.ssl.reset();
+  c.client.Reset();
+  // Swap-remove from the connection table.
+  const size_t i = c.index;
+  if (i != connections_.size() - 1) {
+    std::swap(connections_[i], connections_.back());
+    connections_[i]->index = i;
+  }
+  connections_.pop_back();  // Destroys `c`.
+}
+
+void Worker::Sweep(int64_t now) {
+  const bool drain_over = draining_ && now >= drain_deadline_ms_;
+  // Close() may queue frees but never removes from connections_ here, so indices hold.
+  for (size_t i = 0; i < connections_.size(); ++i) {
+    Connection& c = *connections_[i];
+    if (c.closed) {
+      continue;
+    }
+    if (drain_over) {
+      if (c.phase == Connection::Phase::kHandshake) {
+        c.runtime->metrics->handshakes[static_cast<int>(HandshakeOutcome::kAborted)]
+            ->Increment();
+      }
+      Close(c, CloseReason::kDrained, "drain timeout: closing");
+      continue;
+    }
+    switch (c.phase) {
+      case Connection::Phase::kHandshake:
+        if (now >= c.deadline_ms) {
+          FailHandshake(c, HandshakeOutcome::kTimeout,
+                        absl::StrCat("no finished handshake after ",
+                                     state_->limits.handshake_timeout_ms(), " ms",
+                                     c.paused ? " (waiting for the key service)" : ""));
+        }
+        break;
+      case Connection::Phase::kConnecting:
+        if (now >= c.deadline_ms) {
+          Close(c, CloseReason::kBackendError,
+                absl::StrCat("backend did not accept within ", c.runtime->connect_timeout_ms,
+                             " ms"));
+        }
+        break;
+      case Connection::Phase::kRelay:
+        if (now - c.last_active_ms >= state_->limits.idle_timeout_ms()) {
+          Close(c, CloseReason::kIdleTimeout,
+                absl::StrCat("idle for ", state_->limits.idle_timeout_ms(), " ms"));
+        }
+        break;
+    }
+  }
+}
+
+}  // namespace custody::proxy

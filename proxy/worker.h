@@ -1,0 +1,119 @@
+// Worker: one event loop (epoll) on its own thread, with its own listening sockets
+// (SO_REUSEPORT), owning every connection it accepts. Handshakes run in OpenSSL ASYNC jobs: a
+// handshake waiting for its signature pauses on the connection's wait fd while the loop serves
+// every other connection. After the handshake, the relay moves bytes both ways with bounded
+// buffers (read only while there is room: backpressure), passes half-closes through, and
+// enforces the handshake, connect and idle timeouts.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/unique_fd.h"
+#include "custody/v1/proxy_config.pb.h"
+#include "proxy/config.h"
+#include "proxy/metrics.h"
+#include "proxy/tls_context.h"
+
+namespace custody::proxy {
+
+// ListenerRuntime is what a worker needs to serve one listener.
+struct ListenerRuntime {
+  std::string name;
+  std::shared_ptr<const ListenerTls> tls;
+  BackendAddress backend;
+  sockaddr_storage backend_addr{};  // Resolved when the state was built.
+  socklen_t backend_addr_len = 0;
+  int64_t connect_timeout_ms = 0;
+  ListenerMetrics* metrics = nullptr;
+};
+
+// ProxyState is the served configuration, immutable; a reload publishes a new one. Connections
+// keep the state they were accepted under until they close.
+struct ProxyState {
+  std::vector<ListenerRuntime> listeners;  // In the config's order (reloads keep it).
+  custody::v1::ProxyLimits limits;
+  uint64_t generation = 0;
+};
+
+class Worker {
+ public:
+  // Worker serves `listen_fds` (one per listener, in order; bound and listening).
+  Worker(int index, std::vector<UniqueFd> listen_fds, std::shared_ptr<const ProxyState> state,
+         ProxyMetrics* metrics);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Init makes the epoll and control descriptors. Call once before Run.
+  [[nodiscard]] absl::Status Init();
+
+  // Run serves until Drain's deadline has passed or every connection has closed after Drain.
+  void Run();
+
+  // SetState publishes a new configuration for new connections. Thread-safe.
+  void SetState(std::shared_ptr<const ProxyState> state);
+
+  // Drain stops accepting; open connections get until `deadline_ms` (CLOCK_MONOTONIC) to finish,
+  // then are closed. Thread-safe.
+  void Drain(int64_t deadline_ms);
+
+  // Connections reports the connections open now (any thread; approximate).
+  int open_connections() const { return open_.load(std::memory_order_relaxed); }
+
+  struct Connection;
+  struct Watch;
+
+ private:
+  void OnControl();
+  void OnAccept(size_t listener);
+  void OnEvent(Watch* watch, uint32_t events);
+  void Handshake(Connection& c);
+  void StartBackend(Connection& c);
+  void OnBackendConnected(Connection& c);
+  // Pump returns whether any bytes or ends moved.
+  bool Pump(Connection& c);
+  void UpdateInterest(Connection& c);
+  void SyncAsyncFds(Connection& c);
+  void Close(Connection& c, CloseReason reason, const std::string& why);
+  void FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why);
+  void Free(Connection& c);
+  void Sweep(int64_t now_ms);
+  void SetAccepting(bool on);
+  bool AtLimit() const;
+  void SetInterest(int fd, Watch* watch, uint32_t* current, bool* registered, uint32_t wanted);
+
+  const int index_;
+  std::vector<UniqueFd> listen_fds_;
+  std::vector<std::unique_ptr<Watch>> listen_watches_;
+  std::shared_ptr<const ProxyState> state_;  // The loop's copy.
+  ProxyMetrics* metrics_;
+  UniqueFd epoll_;
+  UniqueFd control_;  // eventfd: SetState / Drain wake the loop.
+  std::unique_ptr<Watch> control_watch_;
+
+  std::mutex mu_;  // Guards the two below (written by other threads).
+  std::shared_ptr<const ProxyState> pending_state_;
+  int64_t pending_drain_ms_ = -1;
+
+  bool accepting_ = true;
+  bool draining_ = false;
+  int64_t drain_deadline_ms_ = 0;
+  int handshakes_ = 0;  // Connections in the handshake (paused ones included).
+  std::atomic<int> open_{0};
+  std::vector<std::unique_ptr<Connection>> connections_;  // Unordered; index in Connection.
+  std::vector<Connection*> to_free_;                      // Closed during this loop turn.
+  std::vector<Connection*> to_pump_;  // Relays that stopped at their turn's quota.
+};
+
+// NowMs is CLOCK_MONOTONIC in milliseconds.
+int64_t NowMs();
+
+}  // namespace custody::proxy
