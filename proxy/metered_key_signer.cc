@@ -26,10 +26,12 @@ void MeteredKeySigner::SignAsync(const custody::v1::SignRequest& request, absl::
   custody::v1::SignRequest labels;
   labels.set_key_name(request.key_name());
   labels.set_scheme(request.scheme());
+  metrics_->SignStarted();
   inner_->SignAsync(request, deadline,
                     [this, labels = std::move(labels), start,
                      done = std::move(done)](absl::StatusOr<custody::v1::SignResponse> r) {
                       Record(labels, r.status(), start);
+                      metrics_->SignFinished();
                       done(std::move(r));
                     });
 }

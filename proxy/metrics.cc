@@ -37,6 +37,12 @@ ProxyMetrics::ProxyMetrics()
                          .Register(*registry_)),
       sign_errors_(Counter(*registry_, "custody_proxy_sign_errors_total",
                            "Handshake signatures that failed, by key and status code")),
+      signs_in_flight_(prometheus::BuildGauge()
+                           .Name("custody_proxy_signs_in_flight")
+                           .Help("Handshake signatures asked of the key service and not yet "
+                                 "answered")
+                           .Register(*registry_)
+                           .Add({})),
       open_(prometheus::BuildGauge()
                 .Name("custody_proxy_connections_open")
                 .Help("Client connections open now")

@@ -5,6 +5,7 @@
 //   custody_proxy_handshake_duration_seconds{listener}    accept to finished handshake
 //   custody_proxy_sign_duration_seconds{key,scheme}       key-service signature, request to answer
 //   custody_proxy_sign_errors_total{key,code}             signatures that failed, by status code
+//   custody_proxy_signs_in_flight                         handshake signatures awaited now
 //   custody_proxy_connections_open{listener}              client connections open now
 //   custody_proxy_connections_total{listener,outcome}     closed connections: ok, backend_error,
 //                                                         client_error, idle_timeout, drained
@@ -57,6 +58,8 @@ class ProxyMetrics {
   // Record* and Set* are thread-safe.
   void RecordSign(const std::string& key, const std::string& scheme, const std::string& code,
                   double seconds);
+  void SignStarted() { signs_in_flight_.Increment(); }
+  void SignFinished() { signs_in_flight_.Decrement(); }
   void RecordAcceptPaused(bool for_handshakes);
   void RecordReload(bool ok);
   void SetCertificateNotAfter(const std::string& listener, const std::string& key,
@@ -68,6 +71,7 @@ class ProxyMetrics {
   prometheus::Family<prometheus::Histogram>& handshake_duration_;
   prometheus::Family<prometheus::Histogram>& sign_duration_;
   prometheus::Family<prometheus::Counter>& sign_errors_;
+  prometheus::Gauge& signs_in_flight_;
   prometheus::Family<prometheus::Gauge>& open_;
   prometheus::Family<prometheus::Counter>& closed_;
   prometheus::Family<prometheus::Counter>& bytes_;

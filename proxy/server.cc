@@ -98,7 +98,9 @@ class ProxyServer {
       w->Drain(0);
     }
     for (auto& t : threads_) {
-      t.join();
+      if (t.joinable()) {
+        t.join();
+      }
     }
   }
 

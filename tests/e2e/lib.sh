@@ -24,12 +24,17 @@ E2E_REPO=$(cd -- "$E2E_LIB_DIR/../.." && pwd)
 CUSTODY_BIN_DIR=${CUSTODY_BIN_DIR:-$E2E_REPO/build/bin}
 KEYD="$CUSTODY_BIN_DIR/custody-keyd"
 CTL="$CUSTODY_BIN_DIR/custodyctl"
+PROXY="$CUSTODY_BIN_DIR/custody-proxy"
+BACKEND="$CUSTODY_BIN_DIR/custody-lab-backend"
 LAB_SH="$E2E_REPO/hsm/lab.sh"
 
 E2E_NAME=${E2E_NAME:-$(basename -- "${0%.sh}")}
 E2E_TMP=          # temp dir of this run
 KEYD_PID=         # pid of the custody-keyd we started (empty once stopped)
 KEYD_RC=          # its exit status once stopped by e2e_stop_keyd
+PROXY_PID=        # pid of the custody-proxy we started (empty once stopped)
+PROXY_RC=         # its exit status once stopped by e2e_stop_proxy
+BACKEND_PID=      # pid of the custody-lab-backend we started
 E2E_PASSED=0
 E2E_FAILED=0
 E2E_DONE=0
@@ -206,12 +211,98 @@ e2e_stop_keyd() {
   KEYD_PID=
 }
 
+# wait_tcp HOST:PORT SECONDS: poll until something accepts on HOST:PORT.
+wait_tcp() {
+  python3 - "$1" "$2" <<'EOF'
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
+EOF
+}
+
+# e2e_start_backend [MODE] [ADDR]: custody-lab-backend (http or echo) on ADDR (default
+# $CUSTODY_BACKEND_ADDR), ready when it accepts.
+e2e_start_backend() {
+  local mode=${1:-http} addr=${2:-$CUSTODY_BACKEND_ADDR}
+  [[ -z "$BACKEND_PID" ]] || fail "e2e_start_backend: a backend is already running"
+  "$BACKEND" --listen "$addr" --mode "$mode" >>"$E2E_TMP/backend.log" 2>&1 </dev/null &
+  BACKEND_PID=$!
+  wait_tcp "$addr" 10 || fail "custody-lab-backend did not listen on $addr"
+}
+
+e2e_stop_backend() {
+  [[ -n "$BACKEND_PID" ]] || return 0
+  kill -s KILL "$BACKEND_PID" 2>/dev/null || true
+  wait "$BACKEND_PID" 2>/dev/null || true
+  BACKEND_PID=
+}
+
+# e2e_start_proxy [CONFIG] [EXTRA ARGS...]: custody-proxy, ready when its metrics endpoint
+# (the config's metrics.listen, $CUSTODY_PROXY_METRICS_ADDR in the lab's) answers. Its log is
+# $E2E_TMP/proxy.log.
+e2e_start_proxy() {
+  local config=${1:-$CUSTODY_PROXY_CONFIG}
+  shift || true
+  [[ -z "$PROXY_PID" ]] || fail "e2e_start_proxy: a proxy is already running"
+  "$PROXY" --config "$config" "$@" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
+  PROXY_PID=$!
+  PROXY_RC=
+  local deadline=$((SECONDS + 20)) rc
+  until curl -sf -o /dev/null "http://$CUSTODY_PROXY_METRICS_ADDR/metrics"; do
+    if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+      rc=0
+      wait "$PROXY_PID" || rc=$?
+      PROXY_PID=
+      echo "custody-proxy exited with status $rc before serving; its log:"
+      sed 's/^/  | /' "$E2E_TMP/proxy.log"
+      fail "custody-proxy did not start"
+    fi
+    ((SECONDS < deadline)) || fail "custody-proxy not ready after 20 s"
+    sleep 0.05
+  done
+}
+
+# e2e_stop_proxy [SIGNAL] [SECONDS]: signal (default TERM), wait (default 15 s), then SIGKILL.
+# Sets PROXY_RC.
+e2e_stop_proxy() {
+  local sig=${1:-TERM} secs=${2:-15} i
+  [[ -n "$PROXY_PID" ]] || return 0
+  kill -s "$sig" "$PROXY_PID" 2>/dev/null || true
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$PROXY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$PROXY_PID" 2>/dev/null; then
+    echo "custody-proxy (pid $PROXY_PID) still alive ${secs} s after SIG$sig: SIGKILL"
+    kill -s KILL "$PROXY_PID" 2>/dev/null || true
+  fi
+  PROXY_RC=0
+  wait "$PROXY_PID" 2>/dev/null || PROXY_RC=$?
+  PROXY_PID=
+}
+
+# proxy_metric NAME_AND_LABELS: the value of one series on the proxy's metrics endpoint (0 if
+# absent), e.g. proxy_metric 'custody_proxy_handshakes_total{listener="lab",outcome="ok"}'.
+proxy_metric() {
+  curl -sf "http://$CUSTODY_PROXY_METRICS_ADDR/metrics" |
+    awk -v k="$1" '$1 == k { v = $2 } END { print (v == "" ? 0 : v + 0) }'
+}
+
 # ---------------------------------------------------------------- set-up / tear-down
 _e2e_on_exit() {
   local rc=$?
   set +eE
   trap - ERR
   trap '' INT TERM PIPE # clean up no matter what; stdout may be a closed pipe
+  e2e_stop_proxy KILL 5
+  e2e_stop_backend
   e2e_stop_keyd TERM
   if ((!E2E_DONE)); then
     ((rc != 0)) || rc=1
@@ -219,6 +310,10 @@ _e2e_on_exit() {
     if [[ -n "$E2E_TMP" && -s "$E2E_TMP/keyd.log" ]]; then
       echo "--- last lines of the keyd log:"
       tail -n 20 -- "$E2E_TMP/keyd.log" | sed 's/^/  | /'
+    fi
+    if [[ -n "$E2E_TMP" && -s "$E2E_TMP/proxy.log" ]]; then
+      echo "--- last lines of the proxy log:"
+      tail -n 30 -- "$E2E_TMP/proxy.log" | sed 's/^/  | /'
     fi
     echo "$E2E_PASSED passed, $E2E_FAILED failed"
   fi
@@ -278,6 +373,8 @@ e2e_setup() { # [EXTRA KEYD ARGS...]
 }
 
 e2e_finish() {
+  e2e_stop_proxy TERM
+  e2e_stop_backend
   e2e_stop_keyd TERM
   E2E_DONE=1
   echo "$E2E_PASSED passed, $E2E_FAILED failed"

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""TLS clients for the custody-proxy end-to-end tests (python's ssl module: a real client).
+
+Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or prints
+"FAIL: ..." and exits 1. Every socket operation has a timeout, so nothing hangs.
+
+  relay-while-held ADDR CA CTL N  the never-blocking promise (see its docstring)
+  keyd-down ADDR CA PHASE          PHASE=open: open a connection, relay, keep it open, wait
+                                   for "go" on stdin, relay again byte for byte
+  relay ADDR CA [SIZE]             SIZE random bytes through an echo backend, unchanged
+  bad-input ADDR KIND              garbage / partial / slowloris / silent: the proxy ends the
+                                   connection; prints how
+  hold ADDR CA SNI                 open a TLS connection, print "open", then for each stdin line
+                                   send it as an HTTP request and print the response's first line
+"""
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", flush=True)
+    sys.exit(1)
+
+
+def ok(msg):
+    print(f"ok: {msg}", flush=True)
+
+
+def split_addr(addr):
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+def context(ca):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def connect(addr, ca, sni="ec256.lab.test", timeout=30):
+    raw = socket.create_connection(split_addr(addr), timeout=timeout)
+    return context(ca).wrap_socket(raw, server_hostname=sni)
+
+
+def recv_exact(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(65536, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def echo_round(sock, payload):
+    """Send payload through an echo backend and read it back (interleaved, so neither side's
+    buffers fill up)."""
+    got = bytearray()
+    view = memoryview(payload)
+    step = 16384
+    for i in range(0, len(payload), step):
+        sock.sendall(view[i:i + step])
+        got += recv_exact(sock, len(view[i:i + step]))
+    return bytes(got)
+
+
+def proxy_metric(name):
+    import urllib.request
+    url = f"http://{os.environ['CUSTODY_PROXY_METRICS_ADDR']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == name:
+                return float(parts[1])
+    return 0.0
+
+
+def ctl(ctl_path, *args):
+    r = subprocess.run([ctl_path, *args], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        fail(f"custodyctl {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def relay_while_held(addr, ca, ctl_path, n):
+    """With one worker and the key service holding every signature back: an open connection
+    keeps relaying while N handshakes wait at once, and all N finish once released."""
+    n = int(n)
+    a = connect(addr, ca)
+    first = os.urandom(100000)
+    if echo_round(a, first) != first:
+        fail("connection A: echo before the hold differs")
+    ok("connection A open and relaying (100000 bytes echoed)")
+
+    ctl(ctl_path, "--identity", "admin", "testing", "set-fault", "--hold")
+    results = [None] * n
+    started = threading.Barrier(n + 1)
+
+    def handshake(i):
+        try:
+            started.wait(timeout=30)
+            s = connect(addr, ca, timeout=60)
+            results[i] = ("ok", s)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = ("error", repr(e))
+
+    threads = [threading.Thread(target=handshake, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    # Wait until every handshake is paused on its signature: the proxy's own gauge of
+    # signatures awaited (polled, no sleep-based guess).
+    deadline = time.time() + 60
+    while True:
+        waiting = proxy_metric("custody_proxy_signs_in_flight")
+        if waiting >= n:
+            break
+        if any(r is not None for r in results):
+            fail(f"a handshake finished while signatures were held: {results}")
+        if time.time() > deadline:
+            fail(f"only {waiting} of {n} handshakes reached the key service")
+        time.sleep(0.05)
+    held = waiting
+    ok(f"{int(held)} handshakes paused at once on the key service, none finished")
+
+    # The same single worker keeps relaying for A while those handshakes are paused.
+    for round_no in range(5):
+        payload = os.urandom(200000)
+        if echo_round(a, payload) != payload:
+            fail(f"connection A: echo round {round_no} differs while handshakes are held")
+    done_early = [r for r in results if r is not None]
+    if done_early:
+        fail(f"{len(done_early)} handshake(s) finished while the key service held signatures")
+    ok("connection A relayed 5 x 200000 bytes while every handshake stayed paused")
+
+    ctl(ctl_path, "--identity", "admin", "testing", "set-fault")
+    ctl(ctl_path, "--identity", "admin", "testing", "release-held")
+    for t in threads:
+        t.join(timeout=90)
+    bad = [r for r in results if r is None or r[0] != "ok"]
+    if bad:
+        fail(f"{len(bad)} of {n} handshakes failed after release: {bad[:3]}")
+    ok(f"all {n} held handshakes completed after release")
+    for _, s in results:
+        payload = os.urandom(1000)
+        if echo_round(s, payload) != payload:
+            fail("a released connection does not relay")
+        s.close()
+    ok(f"all {n} released connections relay")
+    payload = os.urandom(1000)
+    if echo_round(a, payload) != payload:
+        fail("connection A stopped relaying")
+    a.close()
+
+
+def keyd_down(addr, ca):
+    """Opens a connection and relays; waits for "go" on stdin (the test kills keyd meanwhile);
+    relays again, byte for byte."""
+    a = connect(addr, ca)
+    payload = os.urandom(300000)
+    if echo_round(a, payload) != payload:
+        fail("echo before keyd went down differs")
+    print("open", flush=True)
+    line = sys.stdin.readline()
+    if line.strip() != "go":
+        fail(f"expected 'go', got {line!r}")
+    payload = os.urandom(1 << 20)
+    if echo_round(a, payload) != payload:
+        fail("established connection: echo after keyd went down differs")
+    ok("established connection relayed 1 MiB byte for byte with keyd down")
+    a.close()
+
+
+def relay(addr, ca, size="1048576", sni="ec256.lab.test"):
+    """One connection through an echo backend: SIZE random bytes come back unchanged."""
+    s = connect(addr, ca, sni)
+    payload = os.urandom(int(size))
+    if echo_round(s, payload) != payload:
+        fail("echo differs")
+    s.close()
+    ok(f"{size} bytes relayed both ways, unchanged")
+
+
+def bad_input(addr, kind):
+    """Sends bad bytes of one KIND and reports how the proxy ended the connection."""
+    s = socket.create_connection(split_addr(addr), timeout=30)
+    # A real ClientHello to cut short, from python's own TLS client.
+    hello = None
+    if kind in ("partial", "slowloris"):
+        inc = ssl.MemoryBIO()
+        out = ssl.MemoryBIO()
+        obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname="ec256.lab.test")
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = out.read()
+    start = time.time()
+    try:
+        if kind == "garbage":
+            s.sendall(os.urandom(700))
+        elif kind == "http":
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        elif kind == "partial":
+            s.sendall(hello[: len(hello) // 2])
+        elif kind == "slowloris":
+            # One byte at a time, forever (until the proxy ends it).
+            for b in hello[:-1]:
+                s.sendall(bytes([b]))
+                r, _, _ = select_read(s, 0.2)
+                if r:
+                    break
+        elif kind == "silent":
+            pass
+        s.settimeout(60)
+        data = s.recv(4096)
+        while data:
+            data = s.recv(4096)
+        how = "closed"
+    except ConnectionResetError:
+        how = "reset"
+    except (BrokenPipeError, ConnectionAbortedError):
+        how = "reset"
+    except socket.timeout:
+        fail(f"{kind}: the proxy did not end the connection within 60 s")
+    ok(f"{kind}: the proxy ended the connection ({how}) after {time.time() - start:.1f} s")
+
+
+def select_read(s, timeout):
+    import select
+    return select.select([s], [], [], timeout)
+
+
+def hold(addr, ca, sni):
+    s = connect(addr, ca, sni)
+    print("open", flush=True)
+    f = s.makefile("rb")
+    for line in sys.stdin:
+        path = line.strip()
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+        status = f.readline().decode().strip()
+        length = 0
+        while True:
+            h = f.readline().decode().strip()
+            if not h:
+                break
+            if h.lower().startswith("content-length:"):
+                length = int(h.split(":")[1])
+        body = f.read(length).decode().strip()
+        print(f"{status} | {body}", flush=True)
+    s.close()
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "relay-while-held":
+        relay_while_held(*args)
+    elif cmd == "keyd-down":
+        keyd_down(*args)
+    elif cmd == "relay":
+        relay(*args)
+    elif cmd == "bad-input":
+        bad_input(*args)
+    elif cmd == "hold":
+        hold(*args)
+    else:
+        fail(f"unknown subcommand {cmd}")
+
+
+if __name__ == "__main__":
+    main()

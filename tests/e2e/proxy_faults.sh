@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# custody-proxy under faults, with real clients (python's ssl, openssl s_client, curl):
+# - the worker never blocks: with the key service holding every signature back, an open
+#   connection on the same single worker keeps relaying while many handshakes wait at once;
+# - custody-keyd killed: established connections relay byte for byte, new handshakes fail with
+#   a TLS alert (no hang), and succeed again once keyd is back, without restarting the proxy;
+# - bad input (garbage, plain HTTP, a cut-short ClientHello, a slowloris, a silent client) and
+#   a backend that refuses or resets: that connection ends and is logged, nothing else suffers.
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+CLIENT="$E2E_LIB_DIR/proxy_client.py"
+
+e2e_init
+e2e_lab
+# Held signatures wait up to 30 s in keyd (its deadline is the smaller of both sides').
+sed -i 's/sign_timeout_ms: 2000/sign_timeout_ms: 30000/' "$CUSTODY_KEYD_CONFIG"
+e2e_start_keyd
+e2e_start_backend echo
+export CUSTODY_PROXY_METRICS_ADDR
+
+# proxy_config OUT SIGN_TIMEOUT_MS HANDSHAKE_TIMEOUT_MS: the lab's config with one worker.
+proxy_config() {
+  { echo "workers: 1"; sed -e "s/sign_timeout_ms: 2000/sign_timeout_ms: $2/" \
+    -e "s/handshake_timeout_ms: 10000/handshake_timeout_ms: $3/" "$CUSTODY_PROXY_CONFIG"; } >"$1"
+}
+
+# ---------------------------------------------------------------- the worker never blocks
+proxy_config "$E2E_TMP/held.yaml" 30000 30000
+e2e_start_proxy "$E2E_TMP/held.yaml"
+pass "custody-proxy up with one worker"
+run_capture python3 "$CLIENT" relay-while-held "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" "$CTL" 24
+[[ $E2E_RC -eq 0 ]] || { _e2e_show_output; fail "relay-while-held"; }
+while read -r line; do pass "${line#ok: }"; done < <(grep '^ok:' "$E2E_OUT")
+check "no handshake failed meanwhile" test "$(proxy_metric \
+  'custody_proxy_handshakes_total{listener="lab",outcome="failed"}')" -eq 0
+e2e_stop_proxy TERM
+check "proxy drained and exited 0" test "$PROXY_RC" -eq 0
+
+# ---------------------------------------------------------------- keyd killed and restarted
+proxy_config "$E2E_TMP/short.yaml" 2000 1500
+e2e_start_proxy "$E2E_TMP/short.yaml"
+coproc HOLD { python3 "$CLIENT" keyd-down "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 2>&1; }
+read -r -t 30 line <&"${HOLD[0]}" || fail "keyd-down client did not open its connection"
+check "established connection open before keyd dies" test "$line" = open
+e2e_stop_keyd KILL
+pass "custody-keyd killed (SIGKILL)"
+echo go >&"${HOLD[1]}"
+read -r -t 60 line <&"${HOLD[0]}" || fail "keyd-down client gave no verdict"
+check "established connection relays 1 MiB byte for byte with keyd down" \
+  test "$line" = "ok: established connection relayed 1 MiB byte for byte with keyd down"
+wait "$HOLD_PID" 2>/dev/null || true
+
+# New handshakes fail with an alert within the signing deadline: timeout(1) would say 124.
+run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
+  -servername ec256.lab.test </dev/null
+check "keyd down: s_client did not hang (status $E2E_RC)" test "$E2E_RC" -ne 124
+check "keyd down: the handshake ended with a TLS alert" grep -q "alert" "$E2E_ERR"
+check "keyd down: the proxy logged the failed handshake" grep -q "handshake failed" "$E2E_TMP/proxy.log"
+check "keyd down: the failed signature is counted" test "$(curl -sf \
+  "http://$CUSTODY_PROXY_METRICS_ADDR/metrics" | grep -c '^custody_proxy_sign_errors_total')" -ge 1
+
+e2e_start_keyd
+ok_after=
+for ((i = 0; i < 100; i++)); do
+  if echo | timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
+    -servername ec256.lab.test -verify_return_error 2>/dev/null | grep -q "Verify return code: 0"; then
+    ok_after=$i
+    break
+  fi
+  sleep 0.1
+done
+check "keyd back: handshakes succeed again without restarting the proxy" test -n "$ok_after"
+check "keyd back: the proxy is the same process" kill -0 "$PROXY_PID"
+
+# ---------------------------------------------------------------- bad input
+for kind in garbage http partial slowloris silent; do
+  run_capture python3 "$CLIENT" bad-input "$CUSTODY_PROXY_ADDR" "$kind"
+  [[ $E2E_RC -eq 0 ]] || { _e2e_show_output; fail "bad input: $kind"; }
+  pass "$(sed 's/^ok: //' "$E2E_OUT")"
+done
+check "bad input: garbage and HTTP logged as failed handshakes" \
+  test "$(grep -c 'handshake failed' "$E2E_TMP/proxy.log")" -ge 3
+check "bad input: cut-short, slowloris and silent clients logged as timed out" \
+  test "$(grep -c 'handshake timed out' "$E2E_TMP/proxy.log")" -ge 3
+run_capture python3 "$CLIENT" relay "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+check "bad input: a good client still relays afterwards" test "$E2E_RC" -eq 0
+
+# ---------------------------------------------------------------- backend refuses, resets
+e2e_stop_backend
+before=$(grep -c 'closed:.*backend' "$E2E_TMP/proxy.log" || true)
+run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
+  -servername ec256.lab.test -ign_eof </dev/null
+check "backend refuses: the client connection ends (no hang)" test "$E2E_RC" -ne 124
+check "backend refuses: logged with the reason" grep -q "backend 127.0.0.1:.*Connection refused" \
+  "$E2E_TMP/proxy.log"
+python3 - "$CUSTODY_BACKEND_ADDR" >"$E2E_TMP/rst.log" 2>&1 <<'PY' &
+import socket, struct, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, int(port)))
+s.listen()
+print("listening", flush=True)
+while True:  # Every connection (the readiness probe's too) is reset.
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        c.recv(100)
+    except OSError:
+        pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # RST
+PY
+RST_PID=$!
+wait_tcp "$CUSTODY_BACKEND_ADDR" 10 || fail "RST backend did not listen"
+run_capture bash -c "printf 'hello\n' | timeout 20 openssl s_client -connect '$CUSTODY_PROXY_ADDR' \
+  -CAfile '$CUSTODY_CA' -servername ec256.lab.test -ign_eof"
+check "backend resets: the client connection ends (no hang)" test "$E2E_RC" -ne 124
+kill "$RST_PID" 2>/dev/null || true
+wait "$RST_PID" 2>/dev/null || true
+check "backend resets: logged with the reason" grep -q "backend: Connection reset by peer" \
+  "$E2E_TMP/proxy.log"
+e2e_start_backend echo
+run_capture python3 "$CLIENT" relay "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+check "backend back: relaying works again" test "$E2E_RC" -eq 0
+check "the proxy never crashed" kill -0 "$PROXY_PID"
+
+e2e_finish
