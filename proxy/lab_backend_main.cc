@@ -53,8 +53,8 @@ void HandleHttp(Conn& c) {
         return;
       }
     }
-    if (c.body_left > 0) {
-      return;  // Finish this response first (pipelining).
+    if (c.body_left > 0 || c.peer_eof) {
+      return;  // Finish this response first (pipelining), or the connection is closing.
     }
     const size_t end = c.in.find("\r\n\r\n");
     if (end == std::string::npos) {
@@ -77,6 +77,14 @@ void HandleHttp(Conn& c) {
       (void)absl::SimpleAtoi(head.substr(cl + 18, eol - cl - 18), &len);
       c.discard_left = len;
     }
+    // HTTP/1.0 without keep-alive, or "Connection: close": answer, then close.
+    const bool close_after =
+        head.find("\r\nConnection: close") != std::string::npos ||
+        (head.substr(0, head.find("\r\n")).find("HTTP/1.0") != std::string::npos &&
+         head.find("\r\nConnection: keep-alive") == std::string::npos);
+    if (close_after) {
+      c.peer_eof = true;  // Read no more; the end is passed on once the answer is sent.
+    }
     uint64_t n = 0;
     if (path.rfind("/bytes/", 0) == 0 && absl::SimpleAtoi(path.substr(7), &n)) {
       absl::StrAppend(&c.out, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
@@ -85,6 +93,12 @@ void HandleHttp(Conn& c) {
     } else {
       const std::string body =
           absl::StrCat("hello from the custody lab backend: ", method, " ", path, "\n");
+      if (close_after) {
+        c.out += "HTTP/1.1 200 OK\r\nConnection: close\r\n";
+        absl::StrAppend(&c.out, "Content-Type: text/plain\r\nContent-Length: ", body.size(),
+                        "\r\n\r\n", body);
+        return;
+      }
       absl::StrAppend(&c.out, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: ",
                       body.size(), "\r\n\r\n", body);
     }

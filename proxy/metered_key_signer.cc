@@ -1,12 +1,14 @@
 #include "proxy/metered_key_signer.h"
 
 #include "absl/status/status.h"
+#include "hsm/signature_scheme.h"
 
 namespace custody::proxy {
 
 void MeteredKeySigner::Record(const custody::v1::SignRequest& request, const absl::Status& status,
                               absl::Time start) {
-  metrics_->RecordSign(request.key_name(), custody::v1::SignatureScheme_Name(request.scheme()),
+  const auto scheme = hsm::FindScheme(static_cast<uint16_t>(request.scheme()));
+  metrics_->RecordSign(request.key_name(), scheme.has_value() ? scheme->name : "unknown",
                        absl::StatusCodeToString(status.code()),
                        absl::ToDoubleSeconds(absl::Now() - start));
 }
