@@ -34,7 +34,7 @@ MARKER=.custody-lab # written first while building; lets --force clean up a cras
 
 usage() {
   cat <<EOF
-usage: $PROG init DIR [--force]
+usage: $PROG init DIR [--force] [--no-ed25519]
        $PROG help
 
 init DIR   Build a SoftHSM2 lab in DIR (created if absent; must be empty):
@@ -45,6 +45,10 @@ init DIR   Build a SoftHSM2 lab in DIR (created if absent; must be empty):
            lab.env. lab.env is written last: its presence means the lab is complete.
 --force    If DIR already holds a lab (or the remains of a failed build),
            wipe it and build a new one. Never wipes a directory that is not a lab.
+--no-ed25519
+           Leave lab-ed25519 out. libp11's OpenSSL engine (0.4.12) cannot list the
+           token's keys once an Ed25519 key is in it, so a peer that reads keys
+           through the engine (nginx in bench/proxy.sh) needs such a token.
 
 Environment:
   CUSTODY_PKCS11_MODULE   PKCS#11 module (default: SoftHSM2's libsofthsm2.so)
@@ -68,10 +72,12 @@ case "$cmd" in
 esac
 
 force=0
+no_ed25519=0
 dir_arg=
 for a in "$@"; do
   case "$a" in
     --force) force=1 ;;
+    --no-ed25519) no_ed25519=1 ;;
     -*) refuse "unknown option: $a" ;;
     *)
       [[ -z "$dir_arg" ]] || refuse "only one DIR may be given"
@@ -504,34 +510,38 @@ for who in "${CLIENT_IDS[@]}"; do
 done
 
 # ---------------------------------------------------------------- Ed25519 (engine unusable from here on)
-gen_key lab-ed25519 EC:edwards25519
+if ((no_ed25519)); then
+  SERVED_KEYS=(lab-ec256 lab-ec384 lab-rsa2048)
+else
+  gen_key lab-ed25519 EC:edwards25519
 
-step "issuing the server certificate of lab-ed25519 (CA signs with C_Sign via pkcs11-tool)"
-# 1. A throw-away software key and a stand-in CA certificate with the lab CA's
-#    exact subject and subject key identifier let openssl lay out the
-#    TBSCertificate (issuer, AKID, extensions) for us.
-# 2. The CA key in the token signs SHA-256(TBSCertificate) with CKM_ECDSA.
-# 3. The certificate is reassembled with that signature; openssl verify checks it below.
-ca_ski=$(openssl x509 -in "$DIR/ca.crt" -noout -ext subjectKeyIdentifier | tail -n 1 | tr -d ' ')
-[[ "$ca_ski" =~ ^[0-9A-F:]+$ ]] || die "cannot read the CA subject key identifier"
-quiet openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$T/standin.key"
-printf '[req]\ndistinguished_name = req_dn\nprompt = no\n[req_dn]\n' >"$T/plain.cnf"
-quiet openssl req -x509 -new -key "$T/standin.key" -subj "/O=custody lab/CN=custody lab CA" -days 1 \
-  -config "$T/plain.cnf" \
-  -addext "basicConstraints = critical,CA:TRUE" \
-  -addext "keyUsage = critical,keyCertSign,cRLSign" \
-  -addext "subjectKeyIdentifier = $ca_ski" \
-  -out "$T/standin-ca.crt"
-ext_file "$T/lab-ed25519.ext" serverAuth "$(server_san ed25519)"
-quiet openssl x509 -new -subj "/O=custody lab/CN=ed25519.lab.test" -force_pubkey "$DIR/keys/lab-ed25519.pub.pem" \
-  -days 825 -sha256 -set_serial "$(serial)" -extfile "$T/lab-ed25519.ext" \
-  -CA "$T/standin-ca.crt" -CAkey "$T/standin.key" -outform DER -out "$T/ed25519.standin.der"
-labtool tbs "$T/ed25519.standin.der" "$T/ed25519.tbs.der" "$T/ed25519.tbs.sha256"
-quiet p11_login --sign --mechanism ECDSA --signature-format openssl --id "$(key_id "$CA_KEY")" \
-  --input-file "$T/ed25519.tbs.sha256" --output-file "$T/ed25519.sig.der"
-labtool assemble "$T/ed25519.tbs.der" "$T/ed25519.sig.der" "$T/ed25519.crt.der"
-openssl x509 -inform DER -in "$T/ed25519.crt.der" -out "$DIR/certs/lab-ed25519.crt" 2>>"$LOG"
-import_cert lab-ed25519 "$DIR/certs/lab-ed25519.crt"
+  step "issuing the server certificate of lab-ed25519 (CA signs with C_Sign via pkcs11-tool)"
+  # 1. A throw-away software key and a stand-in CA certificate with the lab CA's
+  #    exact subject and subject key identifier let openssl lay out the
+  #    TBSCertificate (issuer, AKID, extensions) for us.
+  # 2. The CA key in the token signs SHA-256(TBSCertificate) with CKM_ECDSA.
+  # 3. The certificate is reassembled with that signature; openssl verify checks it below.
+  ca_ski=$(openssl x509 -in "$DIR/ca.crt" -noout -ext subjectKeyIdentifier | tail -n 1 | tr -d ' ')
+  [[ "$ca_ski" =~ ^[0-9A-F:]+$ ]] || die "cannot read the CA subject key identifier"
+  quiet openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$T/standin.key"
+  printf '[req]\ndistinguished_name = req_dn\nprompt = no\n[req_dn]\n' >"$T/plain.cnf"
+  quiet openssl req -x509 -new -key "$T/standin.key" -subj "/O=custody lab/CN=custody lab CA" -days 1 \
+    -config "$T/plain.cnf" \
+    -addext "basicConstraints = critical,CA:TRUE" \
+    -addext "keyUsage = critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier = $ca_ski" \
+    -out "$T/standin-ca.crt"
+  ext_file "$T/lab-ed25519.ext" serverAuth "$(server_san ed25519)"
+  quiet openssl x509 -new -subj "/O=custody lab/CN=ed25519.lab.test" -force_pubkey "$DIR/keys/lab-ed25519.pub.pem" \
+    -days 825 -sha256 -set_serial "$(serial)" -extfile "$T/lab-ed25519.ext" \
+    -CA "$T/standin-ca.crt" -CAkey "$T/standin.key" -outform DER -out "$T/ed25519.standin.der"
+  labtool tbs "$T/ed25519.standin.der" "$T/ed25519.tbs.der" "$T/ed25519.tbs.sha256"
+  quiet p11_login --sign --mechanism ECDSA --signature-format openssl --id "$(key_id "$CA_KEY")" \
+    --input-file "$T/ed25519.tbs.sha256" --output-file "$T/ed25519.sig.der"
+  labtool assemble "$T/ed25519.tbs.der" "$T/ed25519.sig.der" "$T/ed25519.crt.der"
+  openssl x509 -inform DER -in "$T/ed25519.crt.der" -out "$DIR/certs/lab-ed25519.crt" 2>>"$LOG"
+  import_cert lab-ed25519 "$DIR/certs/lab-ed25519.crt"
+fi
 
 # ---------------------------------------------------------------- checks
 step "verifying every certificate against the lab CA"
@@ -582,7 +592,7 @@ limits:
 policy:
   # The proxy signs handshakes with the served keys only: never with the CA key (lab-ca).
   - identity: "proxy"
-    sign: ["lab-ec256", "lab-ec384", "lab-rsa2048", "lab-ed25519"]
+    sign: [$(printf '"%s", ' "${SERVED_KEYS[@]}" | sed 's/, $//')]
   - identity: "admin"
     read: ["*"]
     admin: true
@@ -612,8 +622,7 @@ listeners:
         server_names: ["ec384.lab.test"]
       - key: "lab-rsa2048"
         server_names: ["rsa2048.lab.test"]
-      - key: "lab-ed25519"
-        server_names: ["ed25519.lab.test"]
+$( ((no_ed25519)) || printf '      - key: "lab-ed25519"\n        server_names: ["ed25519.lab.test"]')
     tls:
       min_version: "1.2"
       alpn: ["http/1.1"]
