@@ -39,6 +39,23 @@ void BatchingSigner::Sign(custody::v1::SignRequest request, Done done) {
   }
 }
 
+void BatchingSigner::SignMany(std::vector<std::pair<custody::v1::SignRequest, Done>> requests) {
+  std::vector<std::unique_ptr<Batch>> batches;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [request, done] : requests) {
+      queue_.push_back({std::move(request), std::move(done)});
+    }
+    while (!queue_.empty() && in_flight_ < max_in_flight_) {
+      ++in_flight_;
+      batches.push_back(TakeBatchLocked());
+    }
+  }
+  for (auto& batch : batches) {
+    Send(std::move(batch));
+  }
+}
+
 std::unique_ptr<BatchingSigner::Batch> BatchingSigner::TakeBatchLocked() {
   auto batch = std::make_unique<Batch>();
   while (!queue_.empty() && batch->request.requests_size() < kMaxSignBatch) {

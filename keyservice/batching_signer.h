@@ -36,6 +36,10 @@ class BatchingSigner {
   // Sign queues `request`; `done` runs once with its outcome. Thread-safe.
   void Sign(custody::v1::SignRequest request, Done done);
 
+  // SignMany queues several requests at once, so that they leave together (one SignBatch per
+  // 64) when a call may start. Thread-safe.
+  void SignMany(std::vector<std::pair<custody::v1::SignRequest, Done>> requests);
+
  private:
   struct Pending {
     custody::v1::SignRequest request;

@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 
 #include "absl/status/statusor.h"
@@ -224,23 +225,100 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+BatchHelpers::BatchHelpers(std::size_t threads) {
+  for (std::size_t i = 0; i < threads; ++i) {
+    threads_.emplace_back([this] {
+      std::unique_lock<std::mutex> lock(mu_);
+      for (;;) {
+        wake_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+        if (tasks_.empty()) {
+          return;
+        }
+        std::function<void()> task = std::move(tasks_.front());
+        tasks_.pop_front();
+        lock.unlock();
+        task();
+        lock.lock();
+      }
+    });
+  }
+}
+
+BatchHelpers::~BatchHelpers() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : threads_) {
+    t.join();
+  }
+}
+
+void BatchHelpers::Post(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(task));
+  }
+  wake_.notify_one();
+}
+
 grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
                                              const custody::v1::SignBatchRequest* request,
                                              custody::v1::SignBatchResponse* response) {
-  if (request->requests_size() == 0 || request->requests_size() > kMaxSignBatch) {
+  const int n = request->requests_size();
+  if (n == 0 || n > kMaxSignBatch) {
     metrics_.RecordRequest("SignBatch", "INVALID_ARGUMENT");
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("a batch holds 1 to ", kMaxSignBatch, " requests, not ",
-                                     request->requests_size()));
+                        absl::StrCat("a batch holds 1 to ", kMaxSignBatch, " requests, not ", n));
   }
-  for (const custody::v1::SignRequest& one : request->requests()) {
-    custody::v1::SignOutcome* outcome = response->add_outcomes();
-    const grpc::Status st = HandleSign(context, &one, outcome->mutable_response());
+  for (int i = 0; i < n; ++i) {
+    response->add_outcomes();
+  }
+  auto sign_one = [&](int i) {
+    custody::v1::SignOutcome* outcome = response->mutable_outcomes(i);
+    const grpc::Status st = HandleSign(context, &request->requests(i), outcome->mutable_response());
     if (!st.ok()) {
       outcome->clear_response();
       outcome->set_code(st.error_code());
       outcome->set_message(st.error_message());
     }
+  };
+  if (n == 1 || helpers_ == nullptr) {
+    for (int i = 0; i < n; ++i) {
+      sign_one(i);
+    }
+  } else {
+    // This thread and up to n-1 helpers take requests in turn from a shared index; the call
+    // returns once every helper is done (they use this frame's request and response).
+    // The shared state is reference counted so a helper may still be leaving its lock when
+    // this frame is gone.
+    struct Shared {
+      std::atomic<int> next{0};
+      std::mutex mu;
+      std::condition_variable done;
+      int active = 0;
+    };
+    auto shared = std::make_shared<Shared>();
+    const int helpers = static_cast<int>(std::min<std::size_t>(n - 1, helpers_->size()));
+    shared->active = helpers;
+    auto work = [&sign_one, n](Shared& s) {
+      for (int i; (i = s.next.fetch_add(1)) < n;) {
+        sign_one(i);
+      }
+    };
+    for (int h = 0; h < helpers; ++h) {
+      helpers_->Post([shared, &work] {
+        work(*shared);
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (--shared->active == 0) {
+          shared->done.notify_all();
+        }
+      });
+    }
+    work(*shared);
+    std::unique_lock<std::mutex> lock(shared->mu);
+    shared->done.wait(lock, [&] { return shared->active == 0; });
   }
   metrics_.RecordRequest("SignBatch", "OK");
   return grpc::Status::OK;

@@ -5,9 +5,15 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <condition_variable>
+#include <deque>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -39,6 +45,31 @@ grpc::Status ToGrpcStatus(const absl::Status& status, const std::string& request
 struct ServiceLimits {
   absl::Duration sign_timeout = absl::Seconds(2);
   std::size_t max_message_bytes = 64 * 1024;
+  // Requests of one SignBatch signed at once (the HSM sessions a batch may use); 1: in turn.
+  std::size_t batch_parallelism = 1;
+};
+
+// BatchHelpers are threads that sign a batch's requests alongside the thread serving the
+// batch, so that a batch uses as many HSM sessions as it has requests (up to the pool size)
+// instead of one after the other: with an HSM that takes 5 ms per signature, a batch of 16 then
+// takes 5 ms, not 80. Thread-safe.
+class BatchHelpers {
+ public:
+  explicit BatchHelpers(std::size_t threads);
+  ~BatchHelpers();
+  BatchHelpers(const BatchHelpers&) = delete;
+  BatchHelpers& operator=(const BatchHelpers&) = delete;
+
+  std::size_t size() const { return threads_.size(); }
+  // Post runs `task` on a helper thread.
+  void Post(std::function<void()> task);
+
+ private:
+  std::mutex mu_;  // Guards tasks_ and stop_.
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
 };
 
 // KeyServiceImpl is thread-safe; it borrows everything it is given, which must outlive it.
@@ -51,13 +82,17 @@ class KeyServiceImpl final
  public:
   KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
                  KeydMetrics& metrics, ServiceLimits limits)
-      : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits) {}
+      : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits),
+        helpers_(limits.batch_parallelism > 1
+                     ? std::make_unique<BatchHelpers>(limits.batch_parallelism - 1)
+                     : nullptr) {}
 
   // HandleSign serves one Sign call: policy, input checks, the HSM, the audit record.
   grpc::Status HandleSign(grpc::ServerContext* context, const custody::v1::SignRequest* request,
                           custody::v1::SignResponse* response);
 
-  // HandleSignBatch serves a SignBatch call: each request as HandleSign would, in order.
+  // HandleSignBatch serves a SignBatch call: each request as HandleSign would, several at once
+  // (limits.batch_parallelism); outcomes in the requests' order.
   grpc::Status HandleSignBatch(grpc::ServerContext* context,
                                const custody::v1::SignBatchRequest* request,
                                custody::v1::SignBatchResponse* response);
@@ -83,6 +118,7 @@ class KeyServiceImpl final
   AuditLog& audit_;
   KeydMetrics& metrics_;
   const ServiceLimits limits_;
+  std::unique_ptr<BatchHelpers> helpers_;  // Null when batches are signed in turn.
 };
 
 class TestingServiceImpl final : public custody::v1::KeyServiceTesting::Service {

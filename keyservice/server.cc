@@ -73,7 +73,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   }
 
   ServiceLimits limits{absl::Milliseconds(config.limits().sign_timeout_ms()),
-                       config.limits().max_message_bytes()};
+                       config.limits().max_message_bytes(), config.hsm().sessions()};
   // With test hooks, signatures go through the fault injector (which does nothing until told).
   FaultInjectingKeyBackend faults(*backend);
   hsm::KeyBackend& signing_backend =

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/ossl.h"
+#include "proxy/provider/key_signer.h"
 
 namespace custody::proxy {
 
@@ -106,8 +107,6 @@ struct Worker::Connection {
   Watch client_watch{Watch::Kind::kClient};
   Watch backend_watch{Watch::Kind::kBackend};
   Watch async_watch{Watch::Kind::kAsync};
-  uint32_t client_events = 0;
-  uint32_t backend_events = 0;
   bool client_registered = false;
   bool backend_registered = false;
   std::vector<int> async_fds;
@@ -127,6 +126,12 @@ struct Worker::Connection {
   bool close_notify_sent = false; // The backend's EOF was passed on (close_notify).
   uint32_t ssl_read_want = EPOLLIN;
   uint32_t ssl_write_want = EPOLLOUT;
+  // Readiness as last seen: set by epoll events, cleared when a call would block. A call is
+  // only made on a socket that may be ready, so a one-way transfer costs no EAGAIN per turn.
+  bool client_readable = true;
+  bool client_writable = true;
+  bool backend_readable = true;
+  bool backend_writable = true;
   RelayBuffer to_backend;
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
@@ -234,6 +239,8 @@ bool Worker::AtLimit() const {
 }
 
 void Worker::Run() {
+  // Signatures asked for during a loop turn leave together at its end, from this thread.
+  provider::SetDeferredSigns(true);
   epoll_event events[kMaxEvents];
   int64_t next_sweep = NowMs() + kSweepMs;
   for (;;) {
@@ -293,7 +300,10 @@ void Worker::Run() {
     if (!draining_) {
       SetAccepting(!AtLimit());
     }
+    provider::FlushDeferredSigns();
   }
+  provider::FlushDeferredSigns();
+  provider::SetDeferredSigns(false);
   spdlog::debug("worker {}: stopped", index_);
 }
 
@@ -333,6 +343,7 @@ void Worker::OnAccept(size_t listener) {
     c->deadline_ms = c->accepted_ms + state_->limits.handshake_timeout_ms();
     c->index = connections_.size();
     Connection& ref = *c;
+    ref.client_registered = Register(fd, &ref.client_watch);
     connections_.push_back(std::move(c));
     ++handshakes_;
     open_.fetch_add(1, std::memory_order_relaxed);
@@ -344,11 +355,24 @@ void Worker::OnAccept(size_t listener) {
 
 void Worker::OnEvent(Watch* watch, uint32_t events) {
   Connection& c = *watch->conn;
+  const bool failed = (events & (EPOLLHUP | EPOLLERR)) != 0;
+  if (watch->kind == Watch::Kind::kClient) {
+    c.client_readable |= failed || (events & EPOLLIN) != 0;
+    c.client_writable |= failed || (events & EPOLLOUT) != 0;
+  } else if (watch->kind == Watch::Kind::kBackend) {
+    c.backend_readable |= failed || (events & EPOLLIN) != 0;
+    c.backend_writable |= failed || (events & EPOLLOUT) != 0;
+  }
   switch (c.phase) {
     case Connection::Phase::kHandshake:
-      if (watch->kind == Watch::Kind::kAsync || !c.paused) {
+      if (watch->kind == Watch::Kind::kAsync) {
         Handshake(c);
-      } else if (events & (EPOLLHUP | EPOLLERR)) {
+      } else if (!c.paused) {
+        // Only when the direction the handshake waits for became ready (or the socket failed).
+        if (failed || (events & c.ssl_read_want) != 0) {
+          Handshake(c);
+        }
+      } else if (failed) {
         // Reported even with no interest set: the client left while its signature is made.
         FailHandshake(c, HandshakeOutcome::kAborted,
                       "client went away while its signature was being made");
@@ -376,18 +400,13 @@ void Worker::OnEvent(Watch* watch, uint32_t events) {
   }
 }
 
-void Worker::SetInterest(int fd, Watch* watch, uint32_t* current, bool* registered,
-                         uint32_t wanted) {
-  if (*registered && *current == wanted) {
-    return;
-  }
+bool Worker::Register(int fd, Watch* watch) {
+  // Edge-triggered, both directions, once for the socket's life: readiness is tracked in the
+  // connection (the *_readable / *_writable flags), so no epoll_ctl is made per transfer.
   epoll_event ev{};
-  ev.events = wanted;
+  ev.events = EPOLLIN | EPOLLOUT | EPOLLET;
   ev.data.ptr = watch;
-  if (::epoll_ctl(epoll_.get(), *registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) == 0) {
-    *registered = true;
-    *current = wanted;
-  }
+  return ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) == 0;
 }
 
 void Worker::SyncAsyncFds(Connection& c) {
@@ -454,19 +473,16 @@ void Worker::Handshake(Connection& c) {
       return;
     }
     case SSL_ERROR_WANT_READ:
-      SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered,
-                  EPOLLIN);
+      c.ssl_read_want = EPOLLIN;
+      c.client_readable = false;
       return;
     case SSL_ERROR_WANT_WRITE:
-      SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered,
-                  EPOLLOUT);
+      c.ssl_read_want = EPOLLOUT;
+      c.client_writable = false;
       return;
     case SSL_ERROR_WANT_ASYNC:
-      // Waiting for the signature: the client socket is not read meanwhile (a paused job must
-      // be resumed before anything else happens on this connection).
-      if (c.client_registered && c.client_events != 0) {
-        SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered, 0);
-      }
+      // Waiting for the signature: the client socket is not touched meanwhile (a paused job
+      // must be resumed before anything else happens on this connection).
       if (c.async_fds.empty()) {
         FailHandshake(c, HandshakeOutcome::kFailed, "paused without a wait fd");
       }
@@ -511,6 +527,7 @@ void Worker::StartBackend(Connection& c) {
   if (::connect(c.backend.get(), reinterpret_cast<const sockaddr*>(&rt.backend_addr),
                 rt.backend_addr_len) == 0) {
     c.phase = Connection::Phase::kRelay;
+    c.backend_registered = Register(c.backend.get(), &c.backend_watch);
     Pump(c);
     return;
   }
@@ -523,8 +540,8 @@ void Worker::StartBackend(Connection& c) {
                            ": ", ErrnoText(errno)));
     return;
   }
-  SetInterest(c.backend.get(), &c.backend_watch, &c.backend_events, &c.backend_registered,
-              EPOLLOUT);
+  c.backend_registered = Register(c.backend.get(), &c.backend_watch);
+  c.backend_writable = false;  // Until the connect completes (EPOLLOUT).
   Pump(c);  // The client may have sent its first bytes with the handshake.
 }
 
@@ -561,7 +578,10 @@ bool Worker::Pump(Connection& c) {
     moved = moved || rounds > 1;
     progress = false;
     // Client -> buffer.
-    if (!c.client_eof && c.to_backend.space() > 0) {
+    const bool may_read_client =
+        c.ssl_read_want == EPOLLIN ? c.client_readable : c.client_writable;
+    if (!c.client_eof && c.to_backend.space() > 0 &&
+        (may_read_client || SSL_has_pending(c.ssl.get()) == 1)) {
       ERR_clear_error();
       const int n = SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
       if (n > 0) {
@@ -571,9 +591,11 @@ bool Worker::Pump(Connection& c) {
         switch (SSL_get_error(c.ssl.get(), n)) {
           case SSL_ERROR_WANT_READ:
             c.ssl_read_want = EPOLLIN;
+            c.client_readable = false;
             break;
           case SSL_ERROR_WANT_WRITE:
             c.ssl_read_want = EPOLLOUT;
+            c.client_writable = false;
             break;
           case SSL_ERROR_ZERO_RETURN:
             c.client_eof = true;
@@ -588,14 +610,16 @@ bool Worker::Pump(Connection& c) {
       }
     }
     // Buffer -> backend.
-    if (connected && c.to_backend.size() > 0) {
+    if (connected && c.to_backend.size() > 0 && c.backend_writable) {
       const ssize_t n = ::send(c.backend.get(), c.to_backend.head(), c.to_backend.size(),
                                MSG_NOSIGNAL);
       if (n > 0) {
         c.to_backend.Consume(static_cast<uint32_t>(n));
         to_backend += static_cast<uint64_t>(n);
         progress = true;
-      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        c.backend_writable = false;
+      } else if (errno != EINTR) {
         Close(c, CloseReason::kBackendError,
               absl::StrCat("writing to the backend: ", ErrnoText(errno)));
         return true;
@@ -606,7 +630,7 @@ bool Worker::Pump(Connection& c) {
       c.backend_shut_wr = true;
     }
     // Backend -> buffer.
-    if (connected && !c.backend_eof && c.to_client.space() > 0) {
+    if (connected && !c.backend_eof && c.to_client.space() > 0 && c.backend_readable) {
       const ssize_t n = ::recv(c.backend.get(), c.to_client.tail(), c.to_client.space(), 0);
       if (n > 0) {
         c.to_client.Produce(static_cast<uint32_t>(n));
@@ -614,14 +638,18 @@ bool Worker::Pump(Connection& c) {
       } else if (n == 0) {
         c.backend_eof = true;
         progress = true;
-      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        c.backend_readable = false;
+      } else if (errno != EINTR) {
         Close(c, CloseReason::kBackendError,
               absl::StrCat("reading from the backend: ", ErrnoText(errno)));
         return true;
       }
     }
     // Buffer -> client.
-    if (c.to_client.size() > 0) {
+    const bool may_write_client =
+        c.ssl_write_want == EPOLLOUT ? c.client_writable : c.client_readable;
+    if (c.to_client.size() > 0 && may_write_client) {
       ERR_clear_error();
       const int n = SSL_write(c.ssl.get(), c.to_client.head(), static_cast<int>(c.to_client.size()));
       if (n > 0) {
@@ -632,9 +660,11 @@ bool Worker::Pump(Connection& c) {
         switch (SSL_get_error(c.ssl.get(), n)) {
           case SSL_ERROR_WANT_WRITE:
             c.ssl_write_want = EPOLLOUT;
+            c.client_writable = false;
             break;
           case SSL_ERROR_WANT_READ:
             c.ssl_write_want = EPOLLIN;
+            c.client_readable = false;
             break;
           default:
             Close(c, CloseReason::kClientError,
@@ -654,6 +684,7 @@ bool Worker::Pump(Connection& c) {
         const int e = SSL_get_error(c.ssl.get(), r);
         if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
           c.ssl_write_want = e == SSL_ERROR_WANT_WRITE ? EPOLLOUT : EPOLLIN;
+          (e == SSL_ERROR_WANT_WRITE ? c.client_writable : c.client_readable) = false;
         } else {
           c.close_notify_sent = true;  // The client is gone; nothing more to say.
           ERR_clear_error();
@@ -684,31 +715,7 @@ bool Worker::Pump(Connection& c) {
       to_pump_.push_back(&c);
     }
   }
-  UpdateInterest(c);
   return moved || progress;
-}
-
-void Worker::UpdateInterest(Connection& c) {
-  uint32_t client = 0;
-  if (!c.client_eof && c.to_backend.space() > 0) {
-    client |= c.ssl_read_want;
-  }
-  if (c.to_client.size() > 0 || (c.backend_eof && !c.close_notify_sent)) {
-    client |= c.ssl_write_want;
-  }
-  SetInterest(c.client.get(), &c.client_watch, &c.client_events, &c.client_registered, client);
-  if (c.phase == Connection::Phase::kConnecting) {
-    return;  // Waiting for EPOLLOUT on the connecting socket.
-  }
-  uint32_t backend = 0;
-  if (!c.backend_eof && c.to_client.space() > 0) {
-    backend |= EPOLLIN;
-  }
-  if (c.to_backend.size() > 0) {
-    backend |= EPOLLOUT;
-  }
-  SetInterest(c.backend.get(), &c.backend_watch, &c.backend_events, &c.backend_registered,
-              backend);
 }
 
 void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {

@@ -80,7 +80,6 @@ class Worker {
   void OnBackendConnected(Connection& c);
   // Pump returns whether any bytes or ends moved.
   bool Pump(Connection& c);
-  void UpdateInterest(Connection& c);
   void SyncAsyncFds(Connection& c);
   void Close(Connection& c, CloseReason reason, const std::string& why);
   void FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why);
@@ -88,7 +87,8 @@ class Worker {
   void Sweep(int64_t now_ms);
   void SetAccepting(bool on);
   bool AtLimit() const;
-  void SetInterest(int fd, Watch* watch, uint32_t* current, bool* registered, uint32_t wanted);
+  // Register adds a connection socket to epoll (edge-triggered, both directions).
+  bool Register(int fd, Watch* watch);
 
   const int index_;
   std::vector<UniqueFd> listen_fds_;

@@ -13,6 +13,18 @@
 namespace custody::provider {
 namespace {
 
+class GrpcKeySigner;
+
+// Deferred signatures of this thread (SetDeferredSigns).
+struct DeferredSign {
+  GrpcKeySigner* signer;
+  custody::v1::SignRequest request;
+  absl::Time deadline;
+  KeySigner::SignDone done;
+};
+thread_local bool t_defer_signs = false;
+thread_local std::vector<DeferredSign> t_deferred;
+
 absl::Status FromGrpc(const grpc::Status& st) {
   return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
                       absl::StrCat("key service: ", st.error_message()));
@@ -39,11 +51,39 @@ class GrpcKeySigner final : public KeySigner {
 
   void SignAsync(const custody::v1::SignRequest& request, absl::Time deadline,
                  SignDone done) override {
+    if (t_defer_signs) {
+      t_deferred.push_back({this, request, deadline, std::move(done)});
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       queue_.push_back({request, deadline, std::move(done)});
     }
     wake_.notify_one();
+  }
+
+  // SubmitNow hands `items` (all for this signer) to the batcher from the calling thread.
+  void SubmitNow(std::vector<DeferredSign>& items) {
+    std::vector<std::pair<custody::v1::SignRequest, keyservice::BatchingSigner::Done>> batch;
+    const absl::Time now = absl::Now();
+    for (DeferredSign& item : items) {
+      if (now >= item.deadline) {
+        item.done(absl::DeadlineExceededError("signing deadline passed before sending"));
+        continue;
+      }
+      auto done = std::make_shared<SignDone>(std::move(item.done));
+      batch.emplace_back(std::move(item.request),
+                         [done](const grpc::Status& st, const custody::v1::SignResponse& resp) {
+                           if (st.ok()) {
+                             (*done)(resp);
+                           } else {
+                             (*done)(FromGrpc(st));
+                           }
+                         });
+    }
+    if (!batch.empty()) {
+      batcher_.SignMany(std::move(batch));
+    }
   }
 
   absl::StatusOr<custody::v1::SignResponse> Sign(const custody::v1::SignRequest& request,
@@ -114,6 +154,26 @@ class GrpcKeySigner final : public KeySigner {
 };
 
 }  // namespace
+
+void SetDeferredSigns(bool on) { t_defer_signs = on; }
+
+void FlushDeferredSigns() {
+  while (!t_deferred.empty()) {
+    std::vector<DeferredSign> all;
+    all.swap(t_deferred);
+    // Usually one signer; group by signer, keeping each one's order.
+    while (!all.empty()) {
+      GrpcKeySigner* signer = all.front().signer;
+      std::vector<DeferredSign> mine;
+      std::vector<DeferredSign> rest;
+      for (DeferredSign& d : all) {
+        (d.signer == signer ? mine : rest).push_back(std::move(d));
+      }
+      signer->SubmitNow(mine);
+      all.swap(rest);
+    }
+  }
+}
 
 std::shared_ptr<KeySigner> MakeGrpcKeySigner(std::shared_ptr<grpc::Channel> channel,
                                              absl::Duration sign_timeout) {

@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
+#
+#   bench/proxy.sh [--seconds N] [--build DIR]
+#
+# One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
+# plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
+# worker pinned to CPU 0 (the load generator and the backend run on CPU 1):
+#   custody-proxy   keys in the token, signatures by custody-keyd (also on CPU 0)
+#   nginx-file      nginx 1.22 stream proxy (TLS offload, the same relay job), the same kind of
+#                   certificate from the same CA, its key in a local file
+#   nginx-engine    the same nginx, the certificate's key in the same token through libp11's
+#                   pkcs11 engine (master_process off: libp11 sessions do not survive fork)
+# Figures (server CPU from /proc: utime+stime of the server's processes over the run):
+#   1. TLS 1.3 full handshakes (no tickets, no session cache: the client checks none resumed),
+#      ECDSA P-256 and RSA-2048: server CPU per handshake. Goals: proxy <= 0.9 x nginx-file;
+#      proxy + keyd <= 1.0 x nginx-engine.
+#   2. 5 ms injected key-service latency (keyd test hook), 64 clients: handshake rate with it
+#      over the rate without it. Goal >= 0.9 (a worker that blocked would cap at 200/s).
+#   3. Bulk relay: one connection moving 1 GiB, then 8 at once moving 256 MiB each: proxy CPU
+#      seconds per GB and MB/s against nginx-file's stream proxy.
+#   4. Added latency of a small keep-alive request (p50, p99) over the backend reached directly.
+# The machine is shared and noisy: read ratios, not absolute figures. Loopback only; every load
+# is bounded in time or bytes.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=$ROOT/build
+SECS=5
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) SECS=$2; shift 2 ;;
+    --build) BUILD=$2; shift 2 ;;
+    *) echo "usage: bench/proxy.sh [--seconds N] [--build DIR]" >&2; exit 2 ;;
+  esac
+done
+BIN=$BUILD/bin
+for b in custody-keyd custody-proxy custody-lab-backend custody-bench-tls custodyctl; do
+  [ -x "$BIN/$b" ] || { echo "bench/proxy.sh: $BIN/$b missing; run ci/build.sh first" >&2; exit 2; }
+done
+
+# The peer: nginx with its stream module (installed without starting the distribution's
+# service).
+if ! command -v nginx >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+  echo "bench/proxy.sh: installing nginx-light and libnginx-mod-stream (the peer)" >&2
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light \
+      libnginx-mod-stream; } >/dev/null || { rm -f /usr/sbin/policy-rc.d; exit 1; }
+  rm -f /usr/sbin/policy-rc.d
+fi
+NCPU=$(nproc)
+SERVER_CPU=0
+CLIENT_CPU=$((NCPU > 1 ? 1 : 0))
+pin_server() { taskset -c "$SERVER_CPU" "$@"; }
+pin_client() { taskset -c "$CLIENT_CPU" "$@"; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/custody-bench-proxy-XXXXXX")
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+"$ROOT/hsm/lab.sh" init "$TMP/lab" --no-ed25519 >"$TMP/lab.log" 2>&1
+# shellcheck disable=SC1091
+source "$TMP/lab/lab.env"
+LAB=$CUSTODY_LAB_DIR
+sed -i 's/^  sessions: .*/  sessions: 16/' "$CUSTODY_KEYD_CONFIG"
+free_ports() {
+  python3 -c 'import socket,sys
+s=[socket.socket() for _ in range(int(sys.argv[1]))]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(" ".join(str(x.getsockname()[1]) for x in s))' "$1"
+}
+read -r NGINX_FILE_PORT NGINX_ENGINE_PORT < <(free_ports 2)
+
+# Equivalent file-key certificates for nginx-file: same subjects and SANs, same key types,
+# issued by the lab CA (its key in the token, through the engine).
+ENGINE_CNF=$LAB/openssl-engine.cnf
+mkdir -p "$TMP/file"
+for name in ec256 rsa2048; do
+  if [ "$name" = ec256 ]; then
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TMP/file/$name.key" 2>/dev/null
+  else
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$TMP/file/$name.key" 2>/dev/null
+  fi
+  openssl x509 -in "$LAB/certs/lab-$name.crt" -noout -ext subjectAltName | tail -n 1 |
+    sed -e 's/^ */subjectAltName = /' -e 's/IP Address:/IP:/g' >"$TMP/file/$name.ext"
+  echo "extendedKeyUsage = serverAuth" >>"$TMP/file/$name.ext"
+  openssl req -new -key "$TMP/file/$name.key" -subj "/O=custody lab/CN=$name.lab.test" \
+    -out "$TMP/file/$name.csr" 2>/dev/null
+  OPENSSL_CONF=$ENGINE_CNF openssl x509 -req -in "$TMP/file/$name.csr" -days 30 -sha256 \
+    -CA "$LAB/ca.crt" -engine pkcs11 -CAkeyform engine \
+    -CAkey "pkcs11:token=$CUSTODY_TOKEN_LABEL;object=lab-ca;type=private" \
+    -set_serial "0x$(openssl rand -hex 8)" -extfile "$TMP/file/$name.ext" \
+    -out "$TMP/file/$name.crt" </dev/null >/dev/null 2>&1
+  openssl verify -CAfile "$LAB/ca.crt" "$TMP/file/$name.crt" >/dev/null
+done
+
+start() { # start NAME CMD...: run in the background, remember the pid
+  local name=$1
+  shift
+  "$@" >"$TMP/$name.log" 2>&1 </dev/null &
+  PIDS+=($!)
+  eval "${name//-/_}_PID=$!"
+}
+wait_port() {
+  for _ in $(seq 1 400); do
+    python3 -c 'import socket,sys; h,p=sys.argv[1].rsplit(":",1); socket.create_connection((h,int(p)),1).close()' "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench/proxy.sh: nothing listens on $1" >&2
+  exit 1
+}
+
+start backend pin_client "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEND_ADDR"
+start keyd pin_server "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
+for _ in $(seq 1 200); do "$BIN/custodyctl" --identity proxy health >/dev/null 2>&1 && break; sleep 0.05; done
+{ echo "workers: 1"; cat "$CUSTODY_PROXY_CONFIG"; } >"$TMP/proxy.yaml"
+start proxy pin_server "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
+wait_port "$CUSTODY_BACKEND_ADDR"
+wait_port "$CUSTODY_PROXY_ADDR"
+
+nginx_conf() { # nginx_conf NAME PORT CERT KEY MASTER
+  cat >"$TMP/$1.conf" <<NGINX
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+daemon off;
+master_process $5;
+pid $TMP/$1.pid;
+error_log $TMP/$1-error.log warn;
+env OPENSSL_CONF;
+events { worker_connections 8192; }
+stream {
+  server {
+    listen 127.0.0.1:$2 ssl;
+    ssl_certificate $3;
+    ssl_certificate_key "$4";
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers on;
+    proxy_pass $CUSTODY_BACKEND_ADDR;
+  }
+}
+NGINX
+}
+cat "$TMP/file/ec256.crt" >"$TMP/file/ec256.chain"
+nginx_conf nginx-file-ec256 "$NGINX_FILE_PORT" "$TMP/file/ec256.crt" "$TMP/file/ec256.key" on
+nginx_conf nginx-file-rsa2048 "$NGINX_FILE_PORT" "$TMP/file/rsa2048.crt" "$TMP/file/rsa2048.key" on
+for name in ec256 rsa2048; do
+  nginx_conf "nginx-engine-$name" "$NGINX_ENGINE_PORT" "$LAB/certs/lab-$name.crt" \
+    "engine:pkcs11:pkcs11:object=lab-$name;type=private" off
+done
+
+# cpu_ticks PID...: utime+stime (clock ticks) of the processes and their children processes.
+cpu_ticks() {
+  local total=0 p c
+  for p in "$@"; do
+    for c in $p $(pgrep -P "$p" || true); do
+      [ -r "/proc/$c/stat" ] || continue
+      total=$((total + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$c/stat")))
+    done
+  done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+us_per() { awk -v t="$1" -v n="$2" -v hz="$TICK" 'BEGIN { printf "%.0f", (n > 0 ? t / hz * 1e6 / n : 0) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+
+# handshake_run ADDR SNI CONC PIDS...: prints "handshakes rate cpu_ticks..." (one per pid group)
+handshake_run() {
+  local addr=$1 sni=$2 conc=$3
+  shift 3
+  local before=() after=() p out
+  for p in "$@"; do before+=("$(cpu_ticks $p)"); done
+  out=$(pin_client "$BIN/custody-bench-tls" handshake --connect "$addr" --sni "$sni" \
+    --ca "$CUSTODY_CA" -c "$conc" --seconds "$SECS")
+  for p in "$@"; do after+=("$(cpu_ticks $p)"); done
+  local resumed
+  resumed=$(field resumed "$out")
+  [ "$resumed" = 0 ] || { echo "bench/proxy.sh: $resumed handshakes were resumed" >&2; exit 1; }
+  printf '%s %s' "$(field handshakes "$out")" "$(field rate "$out")"
+  local i
+  for i in "${!before[@]}"; do printf ' %s' $((after[i] - before[i])); done
+  echo
+}
+
+stop_nginx() {
+  kill -TERM "$nginx_PID" 2>/dev/null || true
+  wait "$nginx_PID" 2>/dev/null || true
+}
+start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
+  if [ "${1#nginx-engine}" != "$1" ]; then
+    start nginx env OPENSSL_CONF="$ENGINE_CNF" taskset -c "$SERVER_CPU" nginx -c "$TMP/$1.conf"
+  else
+    start nginx taskset -c "$SERVER_CPU" nginx -c "$TMP/$1.conf"
+  fi
+  wait_port "127.0.0.1:$2"
+}
+
+echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1)"
+echo
+echo "## 1. TLS 1.3 full handshakes, 16 clients: server CPU per handshake (us)"
+printf '%-8s %-14s %9s %8s %10s %10s %10s\n' key server handshakes rate/s "proxy us" "keyd us" "total us"
+declare -A R
+for name in ec256 rsa2048; do
+  read -r n rate tp tk < <(handshake_run "$CUSTODY_PROXY_ADDR" "$name.lab.test" 16 "$proxy_PID" "$keyd_PID")
+  R[$name.proxy]=$(us_per "$tp" "$n")
+  R[$name.keyd]=$(us_per "$tk" "$n")
+  R[$name.total]=$(us_per $((tp + tk)) "$n")
+  printf '%-8s %-14s %9s %8s %10s %10s %10s\n' "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "${R[$name.keyd]}" "${R[$name.total]}"
+  for kind in file engine; do
+    port=$NGINX_FILE_PORT
+    [ "$kind" = engine ] && port=$NGINX_ENGINE_PORT
+    start_nginx "nginx-$kind-$name" "$port"
+    read -r n rate tn < <(handshake_run "127.0.0.1:$port" "$name.lab.test" 16 "$nginx_PID")
+    stop_nginx
+    R[$name.$kind]=$(us_per "$tn" "$n")
+    printf '%-8s %-14s %9s %8s %10s %10s %10s\n' "$name" "nginx-$kind" "$n" "$rate" "${R[$name.$kind]}" - "${R[$name.$kind]}"
+  done
+done
+echo
+for name in ec256 rsa2048; do
+  echo "$name: proxy / nginx-file = $(ratio "${R[$name.proxy]}" "${R[$name.file]}") (goal <= 0.9);" \
+    "proxy+keyd / nginx-engine = $(ratio "${R[$name.total]}" "${R[$name.engine]}") (goal <= 1.0)"
+done
+
+echo
+echo "## 2. 5 ms injected key-service latency, 64 clients, ECDSA P-256"
+read -r n0 rate0 _ < <(handshake_run "$CUSTODY_PROXY_ADDR" ec256.lab.test 64 "$proxy_PID")
+"$BIN/custodyctl" --identity admin testing set-fault --delay-ms 5 >/dev/null
+read -r n5 rate5 _ < <(handshake_run "$CUSTODY_PROXY_ADDR" ec256.lab.test 64 "$proxy_PID")
+"$BIN/custodyctl" --identity admin testing set-fault >/dev/null
+echo "without: $rate0/s; with 5 ms: $rate5/s; ratio $(ratio "$rate5" "$rate0") (goal >= 0.9; a blocking worker caps at 200/s)"
+
+echo
+echo "## 3. Bulk relay (backend -> client), proxy CPU s/GB and MB/s"
+# bulk_run ADDR CONC BYTES PID: prints "mb_per_s cpu_s_per_gb"
+bulk_run() {
+  local before after out
+  before=$(cpu_ticks "$4")
+  out=$(pin_client "$BIN/custody-bench-tls" bulk --connect "$1" --sni ec256.lab.test \
+    --ca "$CUSTODY_CA" -c "$2" --bytes "$3")
+  after=$(cpu_ticks "$4")
+  awk -v mb="$(field mb_per_s "$out")" -v t=$((after - before)) -v hz="$TICK" -v b="$(field bytes "$out")" \
+    'BEGIN { printf "%s %.3f\n", mb, (b > 0 ? t / hz / (b / 1e9) : 0) }'
+}
+start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
+printf '%-22s %10s %10s %10s %10s %8s %8s\n' load "proxy MB/s" "nginx MB/s" "proxy s/GB" "nginx s/GB" "MB/s x" "s/GB x"
+for spec in "1 1073741824" "8 268435456"; do
+  read -r conc bytes <<<"$spec"
+  read -r pm pc < <(bulk_run "$CUSTODY_PROXY_ADDR" "$conc" "$bytes" "$proxy_PID")
+  read -r nm nc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID")
+  printf '%-22s %10s %10s %10s %10s %8s %8s\n' "$conc x $((bytes >> 20)) MiB" "$pm" "$nm" "$pc" "$nc" \
+    "$(ratio "$pm" "$nm")" "$(ratio "$pc" "$nc")"
+done
+echo "(goals: proxy s/GB <= 0.9 x nginx's, proxy MB/s >= nginx's)"
+
+echo
+echo "## 4. Added latency of a small keep-alive request (5000 requests, one connection)"
+lat() { pin_client "$BIN/custody-bench-tls" latency --connect "$1" --sni ec256.lab.test --ca "$CUSTODY_CA" --requests 5000 "${@:2}"; }
+direct=$(lat "$CUSTODY_BACKEND_ADDR" --plain)
+viaproxy=$(lat "$CUSTODY_PROXY_ADDR")
+vianginx=$(lat "127.0.0.1:$NGINX_FILE_PORT")
+stop_nginx
+add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+for q in p50 p99; do
+  d=$(field "${q}_us" "$direct")
+  p=$(field "${q}_us" "$viaproxy")
+  n=$(field "${q}_us" "$vianginx")
+  echo "$q: direct $d us; via proxy $p us (+$(add "$p" "$d")); via nginx $n us (+$(add "$n" "$d"));" \
+    "added proxy / nginx = $(ratio "$(add "$p" "$d")" "$(add "$n" "$d")") (goal <= 1.0)"
+done
