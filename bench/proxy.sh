@@ -51,7 +51,6 @@ fi
 NCPU=$(nproc)
 SERVER_CPU=0
 CLIENT_CPU=$((NCPU > 1 ? 1 : 0))
-pin_server() { taskset -c "$SERVER_CPU" "$@"; }
 pin_client() { taskset -c "$CLIENT_CPU" "$@"; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/custody-bench-proxy-XXXXXX")
@@ -99,10 +98,10 @@ for name in ec256 rsa2048; do
   openssl verify -CAfile "$LAB/ca.crt" "$TMP/file/$name.crt" >/dev/null
 done
 
-start() { # start NAME CMD...: run in the background, remember the pid
-  local name=$1
-  shift
-  "$@" >"$TMP/$name.log" 2>&1 </dev/null &
+start() { # start NAME CPU CMD...: run CMD pinned to CPU in the background, remember its pid
+  local name=$1 cpu=$2
+  shift 2
+  taskset -c "$cpu" "$@" >"$TMP/$name.log" 2>&1 </dev/null &
   PIDS+=($!)
   eval "${name//-/_}_PID=$!"
 }
@@ -115,11 +114,11 @@ wait_port() {
   exit 1
 }
 
-start backend pin_client "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEND_ADDR"
-start keyd pin_server "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
+start backend "$CLIENT_CPU" "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEND_ADDR"
+start keyd "$SERVER_CPU" "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
 for _ in $(seq 1 200); do "$BIN/custodyctl" --identity proxy health >/dev/null 2>&1 && break; sleep 0.05; done
 { echo "workers: 1"; cat "$CUSTODY_PROXY_CONFIG"; } >"$TMP/proxy.yaml"
-start proxy pin_server "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
+start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
 wait_port "$CUSTODY_BACKEND_ADDR"
 wait_port "$CUSTODY_PROXY_ADDR"
 
@@ -193,9 +192,9 @@ stop_nginx() {
 }
 start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
   if [ "${1#nginx-engine}" != "$1" ]; then
-    start nginx env OPENSSL_CONF="$ENGINE_CNF" taskset -c "$SERVER_CPU" nginx -c "$TMP/$1.conf"
+    start nginx "$SERVER_CPU" env OPENSSL_CONF="$ENGINE_CNF" nginx -c "$TMP/$1.conf"
   else
-    start nginx taskset -c "$SERVER_CPU" nginx -c "$TMP/$1.conf"
+    start nginx "$SERVER_CPU" nginx -c "$TMP/$1.conf"
   fi
   wait_port "127.0.0.1:$2"
 }
