@@ -15,6 +15,11 @@ export LSAN_OPTIONS="suppressions=$(pwd)/ci/lsan.supp:print_suppressions=0"
 # Slow unwinding: leak stacks must reach through libcrypto (no frame pointers) to the module
 # that allocated, for the suppressions to match.
 export ASAN_OPTIONS="detect_leaks=1:fast_unwind_on_malloc=0"
+# Stock programs that load our sanitized provider module need the runtime preloaded.
+if [ "$kind" = asan ]; then
+  CUSTODY_ASAN_PRELOAD=$(gcc -print-file-name=libasan.so)
+  export CUSTODY_ASAN_PRELOAD
+fi
 export TSAN_OPTIONS="suppressions=$(pwd)/ci/tsan.supp:second_deadlock_stack=1"
 cd "build-$kind"
 ctest --output-on-failure --timeout 900 -j 2

@@ -8,6 +8,7 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
+#include <openssl/provider.h>
 #include <openssl/ssl.h>
 #include <openssl/store.h>
 #include <openssl/x509.h>
@@ -38,6 +39,7 @@ CUSTODY_OSSL_DELETER_(EVP_PKEY_CTX, EVP_PKEY_CTX_free);
 CUSTODY_OSSL_DELETER_(OSSL_LIB_CTX, OSSL_LIB_CTX_free);
 CUSTODY_OSSL_DELETER_(OSSL_PARAM, OSSL_PARAM_free);
 CUSTODY_OSSL_DELETER_(OSSL_PARAM_BLD, OSSL_PARAM_BLD_free);
+CUSTODY_OSSL_DELETER_(OSSL_PROVIDER, OSSL_PROVIDER_unload);
 CUSTODY_OSSL_DELETER_(OSSL_STORE_CTX, OSSL_STORE_close);
 CUSTODY_OSSL_DELETER_(OSSL_STORE_INFO, OSSL_STORE_INFO_free);
 CUSTODY_OSSL_DELETER_(SSL, SSL_free);

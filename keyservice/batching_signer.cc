@@ -8,6 +8,8 @@ struct BatchingSigner::Batch {
   grpc::ClientContext context;
   custody::v1::SignBatchRequest request;
   custody::v1::SignBatchResponse response;
+  grpc::Status status;
+  std::unique_ptr<grpc::ClientAsyncResponseReader<custody::v1::SignBatchResponse>> reader;
   std::vector<Done> done;
 };
 
@@ -17,11 +19,26 @@ BatchingSigner::BatchingSigner(std::vector<std::shared_ptr<grpc::Channel>> chann
   for (const auto& channel : channels) {
     stubs_.push_back(custody::v1::KeyService::NewStub(channel));
   }
+  poller_ = std::thread([this] { Poll(); });
 }
 
 BatchingSigner::~BatchingSigner() {
-  std::unique_lock<std::mutex> lock(mu_);
-  idle_.wait(lock, [this] { return in_flight_ == 0; });
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    idle_.wait(lock, [this] { return in_flight_ == 0; });
+  }
+  // Every call has finished and been freed on the poller thread: the queue can go.
+  cq_.Shutdown();
+  poller_.join();
+}
+
+void BatchingSigner::Poll() {
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq_.Next(&tag, &ok)) {
+    auto* batch = static_cast<Batch*>(tag);
+    Finish(batch, batch->status);
+  }
 }
 
 void BatchingSigner::Sign(custody::v1::SignRequest request, Done done) {
@@ -73,9 +90,10 @@ void BatchingSigner::Send(std::unique_ptr<Batch> batch) {
     stub = stubs_[next_stub_++ % stubs_.size()].get();
   }
   batch->context.set_deadline(absl::ToChronoTime(absl::Now() + deadline_));
-  Batch* raw = batch.release();  // Owned by the call until Finish.
-  stub->async()->SignBatch(&raw->context, &raw->request, &raw->response,
-                           [this, raw](grpc::Status status) { Finish(raw, status); });
+  Batch* raw = batch.release();  // Owned by the call until Finish, on the poller thread.
+  raw->reader = stub->PrepareAsyncSignBatch(&raw->context, raw->request, &cq_);
+  raw->reader->StartCall();
+  raw->reader->Finish(&raw->response, &raw->status, raw);
 }
 
 void BatchingSigner::Finish(Batch* raw, const grpc::Status& status) {

@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/time/time.h"
@@ -21,7 +22,7 @@ namespace custody::keyservice {
 
 class BatchingSigner {
  public:
-  // Done receives one request's outcome, on a gRPC thread: keep it short.
+  // Done receives one request's outcome, on the signer's completion thread: keep it short.
   using Done = std::function<void(const grpc::Status&, const custody::v1::SignResponse&)>;
 
   // BatchingSigner spreads calls over `channels` in turn, with at most `max_in_flight` calls
@@ -51,6 +52,8 @@ class BatchingSigner {
   std::unique_ptr<Batch> TakeBatchLocked();
   void Send(std::unique_ptr<Batch> batch);
   void Finish(Batch* batch, const grpc::Status& status);
+  // Poll delivers finished calls from cq_ until it is shut down.
+  void Poll();
 
   std::vector<std::unique_ptr<custody::v1::KeyService::Stub>> stubs_;
   const int max_in_flight_;
@@ -61,6 +64,11 @@ class BatchingSigner {
   std::deque<Pending> queue_;
   int in_flight_ = 0;
   std::size_t next_stub_ = 0;
+
+  // Calls complete on our own queue and thread (not gRPC's callback threads), so that the
+  // destructor knows when gRPC is done with every call: it shuts the queue down and joins.
+  grpc::CompletionQueue cq_;
+  std::thread poller_;
 };
 
 }  // namespace custody::keyservice

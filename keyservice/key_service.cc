@@ -291,34 +291,35 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   } else {
     // This thread and up to n-1 helpers take requests in turn from a shared index; the call
     // returns once every helper is done (they use this frame's request and response).
-    // The shared state is reference counted so a helper may still be leaving its lock when
-    // this frame is gone.
+    // This thread and up to n-1 helpers claim requests from a shared index; the call returns
+    // once all n are signed. A helper that starts late finds nothing left to claim and touches
+    // nothing of this frame, so the batch never waits for a helper to be scheduled. The shared
+    // state is reference counted for such late helpers.
     struct Shared {
       std::atomic<int> next{0};
+      std::atomic<int> finished{0};
       std::mutex mu;
-      std::condition_variable done;
-      int active = 0;
+      std::condition_variable all_done;
+      std::function<void(int)> sign;
     };
     auto shared = std::make_shared<Shared>();
-    const int helpers = static_cast<int>(std::min<std::size_t>(n - 1, helpers_->size()));
-    shared->active = helpers;
-    auto work = [&sign_one, n](Shared& s) {
+    shared->sign = sign_one;
+    auto work = [n](Shared& s) {
       for (int i; (i = s.next.fetch_add(1)) < n;) {
-        sign_one(i);
+        s.sign(i);
+        if (s.finished.fetch_add(1) + 1 == n) {
+          std::lock_guard<std::mutex> lock(s.mu);
+          s.all_done.notify_all();
+        }
       }
     };
+    const int helpers = static_cast<int>(std::min<std::size_t>(n - 1, helpers_->size()));
     for (int h = 0; h < helpers; ++h) {
-      helpers_->Post([shared, &work] {
-        work(*shared);
-        std::lock_guard<std::mutex> lock(shared->mu);
-        if (--shared->active == 0) {
-          shared->done.notify_all();
-        }
-      });
+      helpers_->Post([shared, work] { work(*shared); });
     }
     work(*shared);
     std::unique_lock<std::mutex> lock(shared->mu);
-    shared->done.wait(lock, [&] { return shared->active == 0; });
+    shared->all_done.wait(lock, [&] { return shared->finished.load() == n; });
   }
   metrics_.RecordRequest("SignBatch", "OK");
   return grpc::Status::OK;

@@ -120,7 +120,7 @@ class ProxyServer {
     if (libctx_ == nullptr) {
       return absl::InternalError("OSSL_LIB_CTX_new failed");
     }
-    CUSTODY_RETURN_IF_ERROR(provider::LoadBuiltin(libctx_.get(), signer_, timeout));
+    CUSTODY_ASSIGN_OR_RETURN(providers_, provider::LoadBuiltin(libctx_.get(), signer_, timeout));
     CUSTODY_ASSIGN_OR_RETURN(state_, BuildState(config, 1));
 
     if (!config.metrics().listen().empty()) {
@@ -279,6 +279,7 @@ class ProxyServer {
   ProxyMetrics metrics_;
   std::shared_ptr<provider::KeySigner> signer_;
   OsslPtr<OSSL_LIB_CTX> libctx_;
+  provider::LoadedProviders providers_;  // Unloaded before libctx_ is freed.
   std::shared_ptr<const ProxyState> state_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::vector<std::thread> threads_;

@@ -36,6 +36,7 @@ constexpr int kPumpRoundsPerTurn = 16;
 constexpr int kMaxEvents = 256;
 constexpr int kAcceptsPerTurn = 64;
 constexpr int64_t kSweepMs = 100;
+constexpr int64_t kAcceptBackoffMs = 100;
 
 // SslErrorText drains this thread's OpenSSL errors into one line (for logs).
 std::string SslErrorText() {
@@ -250,7 +251,7 @@ void Worker::Run() {
     int timeout = -1;
     if (!to_pump_.empty()) {
       timeout = 0;
-    } else if (!connections_.empty() || draining_) {
+    } else if (!connections_.empty() || draining_ || !accepting_) {
       timeout = static_cast<int>(std::max<int64_t>(0, next_sweep - NowMs()));
     }
     const int n = ::epoll_wait(epoll_.get(), events, kMaxEvents, timeout);
@@ -298,7 +299,7 @@ void Worker::Run() {
     }
     to_free_.clear();
     if (!draining_) {
-      SetAccepting(!AtLimit());
+      SetAccepting(!AtLimit() && now >= accept_backoff_until_ms_);
     }
     provider::FlushDeferredSigns();
   }
@@ -319,8 +320,11 @@ void Worker::OnAccept(size_t listener) {
         ::accept4(listen_fds_[listener].get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-        spdlog::warn("worker {}: accept on {}: {} (pausing accepts until a connection closes)",
-                    index_, rt.name, ErrnoText(errno));
+        // Out of descriptors or memory: stop accepting for a moment rather than spin (the
+        // pending connection stays in the kernel's backlog).
+        spdlog::warn("worker {}: accept on {}: {} (accepting again in {} ms)", index_, rt.name,
+                     ErrnoText(errno), kAcceptBackoffMs);
+        accept_backoff_until_ms_ = NowMs() + kAcceptBackoffMs;
         SetAccepting(false);
       }
       return;  // EAGAIN, or the peer gave up (ECONNABORTED): nothing to do.

@@ -104,6 +104,7 @@ class Worker {
   int64_t pending_drain_ms_ = -1;
 
   bool accepting_ = true;
+  int64_t accept_backoff_until_ms_ = 0;  // After EMFILE and the like.
   bool draining_ = false;
   int64_t drain_deadline_ms_ = 0;
   int handshakes_ = 0;  // Connections in the handshake (paused ones included).

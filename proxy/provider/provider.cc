@@ -118,24 +118,28 @@ int BuiltinInit(const OSSL_CORE_HANDLE* handle, const OSSL_DISPATCH* in, const O
 
 }  // namespace
 
-absl::Status LoadBuiltin(OSSL_LIB_CTX* libctx, std::shared_ptr<KeySigner> signer,
-                         absl::Duration sign_timeout) {
+absl::StatusOr<LoadedProviders> LoadBuiltin(OSSL_LIB_CTX* libctx,
+                                             std::shared_ptr<KeySigner> signer,
+                                             absl::Duration sign_timeout) {
   if (signer == nullptr) {
     return absl::InvalidArgumentError("the custody provider needs a key signer");
   }
-  if (OSSL_PROVIDER_load(libctx, "default") == nullptr) {
+  LoadedProviders loaded;
+  loaded.default_provider.reset(OSSL_PROVIDER_load(libctx, "default"));
+  if (loaded.default_provider == nullptr) {
     return OsslError(absl::StatusCode::kInternal, "loading the default provider");
   }
   std::lock_guard<std::mutex> lock(g_builtin_mu);
   g_builtin_signer = std::move(signer);
   g_builtin_timeout = sign_timeout;
-  const bool ok = OSSL_PROVIDER_add_builtin(libctx, "custody", BuiltinInit) == 1 &&
-                  OSSL_PROVIDER_load(libctx, "custody") != nullptr;
+  if (OSSL_PROVIDER_add_builtin(libctx, "custody", BuiltinInit) == 1) {
+    loaded.custody.reset(OSSL_PROVIDER_load(libctx, "custody"));
+  }
   g_builtin_signer.reset();
-  if (!ok) {
+  if (loaded.custody == nullptr) {
     return OsslError(absl::StatusCode::kInternal, "loading the custody provider");
   }
-  return absl::OkStatus();
+  return loaded;
 }
 
 }  // namespace custody::provider

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/ossl.h"
 #include "hsm/signature_scheme.h"
@@ -74,10 +75,18 @@ extern const OSSL_DISPATCH kCustodyStore[];
 int Init(const OSSL_CORE_HANDLE* handle, const OSSL_DISPATCH* in, const OSSL_DISPATCH** out,
          void** provctx, std::shared_ptr<KeySigner> signer, absl::Duration sign_timeout);
 
+// LoadedProviders are the providers LoadBuiltin loaded; unload them (destroy this) before the
+// library context is freed.
+struct LoadedProviders {
+  OsslPtr<OSSL_PROVIDER> custody;      // Declared first: unloaded last.
+  OsslPtr<OSSL_PROVIDER> default_provider;
+};
+
 // LoadBuiltin loads the default provider and the custody provider, signing through `signer`
 // with `sign_timeout` per signature, into `libctx` (for a program that links the provider in).
 // Call once per library context.
-[[nodiscard]] absl::Status LoadBuiltin(OSSL_LIB_CTX* libctx, std::shared_ptr<KeySigner> signer,
-                                       absl::Duration sign_timeout);
+[[nodiscard]] absl::StatusOr<LoadedProviders> LoadBuiltin(OSSL_LIB_CTX* libctx,
+                                                          std::shared_ptr<KeySigner> signer,
+                                                          absl::Duration sign_timeout);
 
 }  // namespace custody::provider

@@ -9,6 +9,12 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 CUSTODY_LIB_DIR=${CUSTODY_LIB_DIR:-$E2E_REPO/build/lib}
 [[ -f "$CUSTODY_LIB_DIR/custody.so" ]] || { echo "missing $CUSTODY_LIB_DIR/custody.so"; exit 1; }
 export OPENSSL_MODULES=$CUSTODY_LIB_DIR
+# A sanitizer build's module needs its runtime loaded first in the stock openssl program
+# (ci/sanitize.sh sets CUSTODY_ASAN_PRELOAD); openssl's own exit-time allocations are not ours.
+OPENSSL_M=(openssl)
+if [[ -n "${CUSTODY_ASAN_PRELOAD:-}" ]]; then
+  OPENSSL_M=(env "LD_PRELOAD=$CUSTODY_ASAN_PRELOAD" "ASAN_OPTIONS=detect_leaks=0" openssl)
+fi
 
 e2e_setup
 W="$E2E_TMP/work"
@@ -24,7 +30,7 @@ handshake() {
   local key=$1 port i
   shift
   port=$(free_port)
-  timeout 20 openssl s_server -provider default -provider custody -accept "127.0.0.1:$port" \
+  timeout 20 "${OPENSSL_M[@]}" s_server -provider default -provider custody -accept "127.0.0.1:$port" \
     -key "custody:key=$key" -cert "$CUSTODY_LAB_DIR/certs/$key.crt" -naccept 1 -www \
     >"$W/server.out" 2>&1 </dev/null &
   local server=$!
@@ -71,7 +77,7 @@ for spec in "${cases[@]}"; do
 done
 
 # An identity without rights: the key cannot even be loaded (GetKey refused), clearly.
-CUSTODY_IDENTITY=intruder timeout 20 openssl s_server -provider default -provider custody \
+CUSTODY_IDENTITY=intruder timeout 20 "${OPENSSL_M[@]}" s_server -provider default -provider custody \
   -accept "127.0.0.1:$(free_port)" -key custody:key=lab-ec256 \
   -cert "$CUSTODY_LAB_DIR/certs/lab-ec256.crt" -naccept 1 >"$W/intruder.out" 2>&1 </dev/null || true
 check "intruder: s_server refuses to start" file_lacks "$W/intruder.out" "ACCEPT"
@@ -79,7 +85,7 @@ check "intruder: the reason is PERMISSION_DENIED" file_contains "$W/intruder.out
   "PERMISSION_DENIED"
 
 # A malformed URI is refused with a clear message.
-timeout 20 openssl s_server -provider default -provider custody -accept "127.0.0.1:$(free_port)" \
+timeout 20 "${OPENSSL_M[@]}" s_server -provider default -provider custody -accept "127.0.0.1:$(free_port)" \
   -key "custody:name=lab-ec256" -cert "$CUSTODY_LAB_DIR/certs/lab-ec256.crt" -naccept 1 \
   >"$W/uri.out" 2>&1 </dev/null || true
 check "bad URI: refused, naming the attribute" file_contains "$W/uri.out" "unknown attribute 'name'"
@@ -87,7 +93,7 @@ check "bad URI: refused, naming the attribute" file_contains "$W/uri.out" "unkno
 # The key service gone: loading fails within the deadline, no hang.
 e2e_stop_keyd TERM
 start=$SECONDS
-timeout 30 openssl s_server -provider default -provider custody -accept "127.0.0.1:$(free_port)" \
+timeout 30 "${OPENSSL_M[@]}" s_server -provider default -provider custody -accept "127.0.0.1:$(free_port)" \
   -key custody:key=lab-ec256 -cert "$CUSTODY_LAB_DIR/certs/lab-ec256.crt" -naccept 1 \
   >"$W/down.out" 2>&1 </dev/null || true
 check "keyd down: s_server refuses to start" file_lacks "$W/down.out" "ACCEPT"

@@ -5,9 +5,11 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
 "FAIL: ..." and exits 1. Every socket operation has a timeout, so nothing hangs.
 
   relay-while-held ADDR CA CTL N  the never-blocking promise (see its docstring)
+  admission ADDR CA CTL N LIMIT   N clients, max_handshakes LIMIT, signatures held
   keyd-down ADDR CA PHASE          PHASE=open: open a connection, relay, keep it open, wait
                                    for "go" on stdin, relay again byte for byte
   relay ADDR CA [SIZE]             SIZE random bytes through an echo backend, unchanged
+  idle ADDR CA                     relay once, then wait for the proxy to close (idle timeout)
   bad-input ADDR KIND              garbage / partial / slowloris / silent: the proxy ends the
                                    connection; prints how
   hold ADDR CA SNI                 open a TLS connection, print "open", then for each stdin line
@@ -158,6 +160,47 @@ def relay_while_held(addr, ca, ctl_path, n):
     a.close()
 
 
+def admission(addr, ca, ctl_path, n, limit):
+    """With max_handshakes = LIMIT and every signature held: N clients connect, only LIMIT
+    handshakes are admitted (the rest wait in the kernel's backlog), and all N finish once the
+    signatures are released."""
+    n, limit = int(n), int(limit)
+    ctl(ctl_path, "--identity", "admin", "testing", "set-fault", "--hold")
+    results = [None] * n
+
+    def handshake(i):
+        try:
+            s = connect(addr, ca, timeout=60)
+            results[i] = ("ok", s)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = ("error", repr(e))
+
+    threads = [threading.Thread(target=handshake, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while proxy_metric('custody_proxy_accept_paused_total{reason="handshakes"}') < 1:
+        if time.time() > deadline:
+            fail("the worker never paused accepting")
+        time.sleep(0.05)
+    waiting = proxy_metric("custody_proxy_signs_in_flight")
+    if waiting != limit:
+        fail(f"{waiting} handshakes waiting for a signature; the limit is {limit}")
+    if any(r is not None for r in results):
+        fail("a handshake finished while signatures were held")
+    ok(f"{n} clients, {int(waiting)} handshakes admitted (the limit), accepting paused")
+    ctl(ctl_path, "--identity", "admin", "testing", "set-fault")
+    ctl(ctl_path, "--identity", "admin", "testing", "release-held")
+    for t in threads:
+        t.join(timeout=90)
+    bad = [r for r in results if r is None or r[0] != "ok"]
+    if bad:
+        fail(f"{len(bad)} of {n} handshakes failed after release: {bad[:3]}")
+    for _, s in results:
+        s.close()
+    ok(f"all {n} handshakes completed once released (the backlog was admitted in turn)")
+
+
 def keyd_down(addr, ca):
     """Opens a connection and relays; waits for "go" on stdin (the test kills keyd meanwhile);
     relays again, byte for byte."""
@@ -184,6 +227,23 @@ def relay(addr, ca, size="1048576", sni="ec256.lab.test"):
         fail("echo differs")
     s.close()
     ok(f"{size} bytes relayed both ways, unchanged")
+
+
+def idle(addr, ca):
+    """Relays once, then stays silent: the proxy must end the connection (idle timeout)."""
+    s = connect(addr, ca)
+    payload = os.urandom(1000)
+    if echo_round(s, payload) != payload:
+        fail("echo differs")
+    s.settimeout(60)
+    try:
+        while s.recv(4096):
+            pass
+    except socket.timeout:
+        fail("the idle connection was not closed within 60 s")
+    except (ssl.SSLError, OSError):
+        pass
+    ok("an idle connection was closed by the proxy")
 
 
 def bad_input(addr, kind):
@@ -260,10 +320,14 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "relay-while-held":
         relay_while_held(*args)
+    elif cmd == "admission":
+        admission(*args)
     elif cmd == "keyd-down":
         keyd_down(*args)
     elif cmd == "relay":
         relay(*args)
+    elif cmd == "idle":
+        idle(*args)
     elif cmd == "bad-input":
         bad_input(*args)
     elif cmd == "hold":

@@ -35,6 +35,14 @@ check "no handshake failed meanwhile" test "$(proxy_metric \
 e2e_stop_proxy TERM
 check "proxy drained and exited 0" test "$PROXY_RC" -eq 0
 
+# ---------------------------------------------------------------- admission control
+sed 's/^limits:/limits:\n  max_handshakes: 4/' "$E2E_TMP/held.yaml" >"$E2E_TMP/admission.yaml"
+e2e_start_proxy "$E2E_TMP/admission.yaml"
+run_capture python3 "$CLIENT" admission "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" "$CTL" 12 4
+[[ $E2E_RC -eq 0 ]] || { _e2e_show_output; fail "admission"; }
+while read -r line; do pass "${line#ok: }"; done < <(grep '^ok:' "$E2E_OUT")
+e2e_stop_proxy TERM
+
 # ---------------------------------------------------------------- keyd killed and restarted
 proxy_config "$E2E_TMP/short.yaml" 2000 1500
 e2e_start_proxy "$E2E_TMP/short.yaml"
@@ -84,6 +92,17 @@ check "bad input: cut-short, slowloris and silent clients logged as timed out" \
 run_capture python3 "$CLIENT" relay "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
 [[ $E2E_RC -eq 0 ]] || _e2e_show_output
 check "bad input: a good client still relays afterwards" test "$E2E_RC" -eq 0
+
+# ---------------------------------------------------------------- idle timeout (after a reload)
+sed -i 's/idle_timeout_ms: 60000/idle_timeout_ms: 1000/' "$E2E_TMP/short.yaml"
+kill -HUP "$PROXY_PID"
+for ((i = 0; i < 200; i++)); do
+  [[ "$(proxy_metric 'custody_proxy_config_reloads_total{outcome="ok"}')" -ge 1 ]] && break
+  sleep 0.05
+done
+run_capture python3 "$CLIENT" idle "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+check "idle timeout: the proxy closed a silent connection" test "$E2E_RC" -eq 0
+check "idle timeout: logged" grep -q "closed: idle for 1000 ms" "$E2E_TMP/proxy.log"
 
 # ---------------------------------------------------------------- backend refuses, resets
 e2e_stop_backend
