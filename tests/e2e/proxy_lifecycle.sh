@@ -70,6 +70,21 @@ sed "s/listen: \"127.0.0.1:[0-9]*\"/listen: \"127.0.0.1:1\"/" "$E2E_TMP/good.yam
 check "reload with a changed listen address: refused (restart needed)" bad_reload 2 "restart the proxy"
 sed 's/key: "lab-ec384"/key: "lab-nope"/' "$E2E_TMP/good.yaml" >"$CONFIG"
 check "reload naming a key the key service lacks: refused, naming it" bad_reload 3 "lab-nope"
+# A chain from a file instead of the key service's: it must carry the key's public half.
+sed "s#        server_names: \[\"ec384.lab.test\"\]#        server_names: [\"ec384.lab.test\"]\n        chain_file: \"$CUSTODY_LAB_DIR/certs/lab-ec256.crt\"#" \
+  "$E2E_TMP/good.yaml" >"$CONFIG"
+check "reload with a chain_file whose leaf is another key's: refused, naming the key" \
+  bad_reload 4 "key 'lab-ec384'.*does not carry this key's public half"
+sed "s#        server_names: \[\"ec384.lab.test\"\]#        server_names: [\"ec384.lab.test\"]\n        chain_file: \"$CUSTODY_LAB_DIR/certs/lab-ec384.crt\"#" \
+  "$E2E_TMP/good.yaml" >"$CONFIG"
+kill -HUP "$PROXY_PID"
+check "reload with a matching chain_file: accepted" wait_reloads ok 2
+check "the chain from the file is served" bash -c "echo | timeout 20 openssl s_client \
+  -connect $CUSTODY_PROXY_ADDR -CAfile $CUSTODY_CA -servername ec384.lab.test 2>/dev/null |
+  grep -q 'Verify return code: 0'"
+cp -- "$E2E_TMP/good.yaml" "$CONFIG"
+kill -HUP "$PROXY_PID"
+check "reload back to chains from the key service" wait_reloads ok 3
 check "after refused reloads: the running config stays (default rsa2048)" \
   test "$(default_cn)" = rsa2048.lab.test
 check "after refused reloads: the open connection still answers" \
