@@ -13,7 +13,7 @@ PACKAGES=(
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
   # the lab: SoftHSM2, OpenSC's pkcs11-tool, libp11's OpenSSL engine, and clients
-  softhsm2 opensc libengine-pkcs11-openssl openssl curl python3 procps
+  softhsm2 opensc libengine-pkcs11-openssl openssl curl python3 procps strace
 )
 
 missing=()
