@@ -68,6 +68,7 @@ class BatchingSigner {
   // Calls complete on our own queue and thread (not gRPC's callback threads), so that the
   // destructor knows when gRPC is done with every call: it shuts the queue down and joins.
   grpc::CompletionQueue cq_;
+  std::mutex send_mu_;  // Held while a call is set up; Poll takes it before finishing a call.
   std::thread poller_;
 };
 

@@ -170,8 +170,13 @@ absl::StatusOr<hsm::SignResult> KeyServiceImpl::CheckAndSign(
 grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
                                         const custody::v1::SignRequest* request,
                                         custody::v1::SignResponse* response) {
+  return SignFor(CallerOf(*context), absl::FromChrono(context->deadline()), request, response);
+}
+
+grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadline,
+                                     const custody::v1::SignRequest* request,
+                                     custody::v1::SignResponse* response) {
   const absl::Time start = absl::Now();
-  const Caller caller = CallerOf(*context);
   metrics_.SignStarted();
   // Only a well-formed name goes into the audit record; a scheme outside the 16-bit TLS range
   // is no scheme.
@@ -188,8 +193,7 @@ grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
                      scheme ? scheme->name : ""};
 
   absl::StatusOr<hsm::SignResult> result =
-      CheckAndSign(caller, *request, scheme,
-                   std::min(start + limits_.sign_timeout, absl::FromChrono(context->deadline())));
+      CheckAndSign(caller, *request, scheme, std::min(start + limits_.sign_timeout, call_deadline));
 
   const absl::Status status = result.status();
   record.outcome = CodeName(status.code());
@@ -275,9 +279,14 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   for (int i = 0; i < n; ++i) {
     response->add_outcomes();
   }
+  // The caller and deadline are read once, here: the server context is not thread-safe (it
+  // caches its auth context on first use) and the requests may be signed on several threads.
+  const Caller caller = CallerOf(*context);
+  const absl::Time call_deadline = absl::FromChrono(context->deadline());
   auto sign_one = [&](int i) {
     custody::v1::SignOutcome* outcome = response->mutable_outcomes(i);
-    const grpc::Status st = HandleSign(context, &request->requests(i), outcome->mutable_response());
+    const grpc::Status st =
+        SignFor(caller, call_deadline, &request->requests(i), outcome->mutable_response());
     if (!st.ok()) {
       outcome->clear_response();
       outcome->set_code(st.error_code());

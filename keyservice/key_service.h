@@ -34,7 +34,8 @@ struct Caller {
   std::string peer;
 };
 
-// CallerOf reads the caller from a server context. Thread-safe.
+// CallerOf reads the caller from a server context. Thread-safe for distinct contexts; one context
+// must not be read from two threads at once (gRPC caches its auth context on first use).
 Caller CallerOf(const grpc::ServerContext& context);
 
 // ToGrpcStatus converts a status for a caller: the message of caller errors (bad input, not
@@ -102,6 +103,12 @@ class KeyServiceImpl final
                         custody::v1::ListKeysResponse* response) override;
 
  private:
+  // SignFor serves one signature for `caller`: policy, input checks, the HSM (by the smaller of
+  // `call_deadline` and the service's sign timeout), the audit record. Thread-safe.
+  grpc::Status SignFor(const Caller& caller, absl::Time call_deadline,
+                       const custody::v1::SignRequest* request,
+                       custody::v1::SignResponse* response);
+
   // CheckAndSign applies the policy and the input checks, then signs (by `deadline`).
   absl::StatusOr<hsm::SignResult> CheckAndSign(const Caller& caller,
                                                const custody::v1::SignRequest& request,
