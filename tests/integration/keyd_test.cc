@@ -534,6 +534,70 @@ TEST_F(KeydTest, FaultInjectionDrivesFailuresAndHolds) {
             grpc::StatusCode::PERMISSION_DENIED);
 }
 
+// An HSM that is slow per signature (here 10 ms, injected) gets a batch's requests signed at
+// once over several sessions, not one after the other: with every signature held, all four of
+// one batch are in flight together (keyd's own gauge says so), and all four sign on release.
+TEST_F(KeydTest, SlowHsmBatchIsSignedInParallel) {
+  auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
+  auto set_fault = [&](const v1::Fault& fault) {
+    grpc::ClientContext ctx;
+    v1::SetFaultRequest req;
+    *req.mutable_fault() = fault;
+    v1::SetFaultResponse resp;
+    return admin->SetFault(&ctx, req, &resp).ok();
+  };
+  auto stub = Stub("proxy");
+  const auto request =
+      MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "slow");
+  // keyd learns the HSM's cost from the signatures it makes.
+  v1::Fault slow;
+  slow.set_delay_ms(10);
+  ASSERT_TRUE(set_fault(slow));
+  for (int i = 0; i < 20; ++i) {
+    SignResponse resp;
+    ASSERT_TRUE(Sign(*stub, request, &resp).ok());
+  }
+  v1::Fault held;
+  held.set_hold(true);
+  ASSERT_TRUE(set_fault(held));
+  v1::SignBatchRequest batch;
+  for (int i = 0; i < 4; ++i) {
+    *batch.add_requests() = request;
+  }
+  grpc::Status batch_status;
+  v1::SignBatchResponse batch_resp;
+  std::thread caller([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    batch_status = stub->SignBatch(&ctx, batch, &batch_resp);
+  });
+  const std::string metrics_url =
+      absl::StrCat("http://", lab_->Env("CUSTODY_KEYD_METRICS_ADDR"), "/metrics");
+  bool all_four = false;
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (!all_four && absl::Now() < give_up) {
+    std::string out;
+    testing::RunCommand(absl::StrCat("curl -sf ", metrics_url), &out);
+    all_four = out.find("\ncustody_keyd_signs_in_flight 4\n") != std::string::npos;
+    if (!all_four) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+  }
+  EXPECT_TRUE(all_four) << "the batch's four signatures were not in flight together";
+  ASSERT_TRUE(set_fault(v1::Fault()));
+  {
+    grpc::ClientContext ctx;
+    v1::ReleaseHeldResponse out;
+    ASSERT_TRUE(admin->ReleaseHeld(&ctx, {}, &out).ok());
+  }
+  caller.join();
+  ASSERT_TRUE(batch_status.ok()) << batch_status.error_message();
+  ASSERT_EQ(batch_resp.outcomes_size(), 4);
+  for (const auto& outcome : batch_resp.outcomes()) {
+    EXPECT_EQ(outcome.code(), 0) << outcome.message();
+  }
+}
+
 // Server reflection lists the services (so grpcurl-style tools work). The request is
 // hand-encoded: ServerReflectionRequest{list_services: "*"} is field 7, a string.
 TEST_F(KeydTest, ServerReflectionListsTheKeyService) {
