@@ -1,22 +1,9 @@
 #include "keyservice/metrics.h"
 
-#include <exception>
-
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace custody::keyservice {
-namespace {
-
-prometheus::Histogram::BucketBoundaries LatencyBuckets() {
-  // 50 us to about 3 s, doubling: an HSM signature is tens of microseconds to a few ms.
-  prometheus::Histogram::BucketBoundaries b;
-  for (double v = 50e-6; v < 4.0; v *= 2) {
-    b.push_back(v);
-  }
-  return b;
-}
-
-}  // namespace
 
 KeydMetrics::KeydMetrics()
     : registry_(std::make_shared<prometheus::Registry>()),
@@ -49,16 +36,8 @@ KeydMetrics::KeydMetrics()
                      .Register(*registry_)) {}
 
 absl::StatusOr<uint16_t> KeydMetrics::Serve(const std::string& listen) {
-  try {
-    // prometheus-cpp (civetweb) reports a failed bind by exception; it stops here.
-    exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
-  } catch (const std::exception& e) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
-  }
-  exposer_->RegisterCollectable(registry_);
-  const auto ports = exposer_->GetListeningPorts();
-  return ports.empty() ? uint16_t{0} : static_cast<uint16_t>(ports.front());
+  CUSTODY_ASSIGN_OR_RETURN(endpoint_, ServeMetrics(listen, registry_));
+  return endpoint_.port;
 }
 
 void KeydMetrics::RecordRequest(const std::string& method, const std::string& code) {
@@ -84,7 +63,8 @@ void KeydMetrics::RecordSign(const std::string& key, const std::string& scheme,
     std::lock_guard<std::mutex> lock(cache_mu_);
     auto [it, fresh] = sign_series_.try_emplace(id, SignSeries{});
     if (fresh) {
-      static const auto kBuckets = LatencyBuckets();
+      // 50 us to about 3 s: an HSM signature is tens of microseconds to a few ms.
+      static const auto kBuckets = DoublingBuckets(50e-6, 4.0);
       it->second.signatures = &signatures_.Add({{"key", key}, {"scheme", scheme}, {"code", code}});
       it->second.duration = code == "OK"
                                 ? &sign_duration_.Add({{"key", key}, {"scheme", scheme}}, kBuckets)

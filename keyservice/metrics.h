@@ -10,7 +10,6 @@
 #pragma once
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
@@ -21,6 +20,7 @@
 #include <unordered_map>
 
 #include "absl/status/statusor.h"
+#include "common/metrics_endpoint.h"
 
 namespace custody::keyservice {
 
@@ -50,7 +50,7 @@ class KeydMetrics {
   prometheus::Gauge& in_flight_;
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& not_after_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  MetricsEndpoint endpoint_;
 
   // Series already made, by their label values joined with '\0': Family::Add builds a label
   // map and hashes it on every call, which the signing path should not pay.

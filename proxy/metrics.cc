@@ -1,19 +1,10 @@
 #include "proxy/metrics.h"
 
-#include <exception>
-
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace custody::proxy {
 namespace {
-
-prometheus::Histogram::BucketBoundaries DoublingBuckets(double from, double to) {
-  prometheus::Histogram::BucketBoundaries b;
-  for (double v = from; v < to; v *= 2) {
-    b.push_back(v);
-  }
-  return b;
-}
 
 prometheus::Family<prometheus::Counter>& Counter(prometheus::Registry& r, const char* name,
                                                  const char* help) {
@@ -66,15 +57,8 @@ ProxyMetrics::ProxyMetrics()
                      .Register(*registry_)) {}
 
 absl::StatusOr<uint16_t> ProxyMetrics::Serve(const std::string& listen) {
-  try {
-    exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/1);
-  } catch (const std::exception& e) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
-  }
-  exposer_->RegisterCollectable(registry_);
-  const auto ports = exposer_->GetListeningPorts();
-  return ports.empty() ? uint16_t{0} : static_cast<uint16_t>(ports.front());
+  CUSTODY_ASSIGN_OR_RETURN(endpoint_, ServeMetrics(listen, registry_));
+  return endpoint_.port;
 }
 
 ListenerMetrics* ProxyMetrics::ForListener(const std::string& name) {

@@ -17,7 +17,6 @@
 #pragma once
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
@@ -28,6 +27,7 @@
 #include <unordered_map>
 
 #include "absl/status/statusor.h"
+#include "common/metrics_endpoint.h"
 
 namespace custody::proxy {
 
@@ -82,7 +82,7 @@ class ProxyMetrics {
   prometheus::Counter& reloads_ok_;
   prometheus::Counter& reloads_refused_;
   prometheus::Family<prometheus::Gauge>& not_after_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  MetricsEndpoint endpoint_;
 
   std::mutex mu_;  // Guards the caches below.
   std::unordered_map<std::string, std::unique_ptr<ListenerMetrics>> listeners_;

@@ -1,0 +1,31 @@
+// Prometheus helpers shared by custody-keyd and custody-proxy: the /metrics endpoint and the
+// latency bucket layout.
+#pragma once
+
+#include <prometheus/exposer.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace custody {
+
+// MetricsEndpoint is a running /metrics HTTP endpoint.
+struct MetricsEndpoint {
+  std::unique_ptr<prometheus::Exposer> exposer;
+  uint16_t port = 0;  // The bound port (useful when `listen` asked for port 0).
+};
+
+// ServeMetrics serves `registry` on `listen` (host:port). FAILED_PRECONDITION names the address
+// when it cannot be bound.
+[[nodiscard]] absl::StatusOr<MetricsEndpoint> ServeMetrics(
+    const std::string& listen, const std::shared_ptr<prometheus::Registry>& registry);
+
+// DoublingBuckets returns histogram bounds from `from`, doubling, below `to`.
+prometheus::Histogram::BucketBoundaries DoublingBuckets(double from, double to);
+
+}  // namespace custody
