@@ -4,11 +4,12 @@
 
 #include "absl/synchronization/mutex.h"
 #include "common/log.h"
+#include "common/signals.h"
 #include "keyservice/config.h"
 #include "keyservice/server.h"
 
 int main(int argc, char** argv) {
-  custody::keyservice::BlockTerminationSignals();
+  custody::BlockTerminationSignals();
   // Debian's Abseil is built with lock-cycle detection on, which costs on every lock: off.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   CLI::App app{"custody-keyd: signs inside the HSM for custody proxies, over mutual TLS gRPC"};

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "common/signals.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "common/status.h"
@@ -44,15 +45,6 @@ void PublishCertificateExpiry(const hsm::KeyBackend& backend, KeydMetrics& metri
 }
 
 }  // namespace
-
-void BlockTerminationSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-}
 
 absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& options) {
   CUSTODY_ASSIGN_OR_RETURN(const Policy policy, Policy::Build(config.policy()));
@@ -118,11 +110,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
       "audit log {}",
       config.listen(), port, config.hsm().sessions(), config.audit().path());
 
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);
+  const sigset_t set = TerminationSignals();
   for (;;) {
     int sig = 0;
     if (sigwait(&set, &sig) != 0) {

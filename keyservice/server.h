@@ -12,11 +12,7 @@ struct KeydOptions {
   bool enable_test_hooks = false;
 };
 
-// BlockTerminationSignals blocks SIGTERM, SIGINT and SIGHUP in the calling thread and in every
-// thread it starts afterwards; RunKeyd waits for them with sigwait. Call first thing in main.
-void BlockTerminationSignals();
-
-// RunKeyd serves until SIGTERM or SIGINT. Errors at start-up are returned before serving.
+// RunKeyd serves until SIGTERM or SIGINT (blocked beforehand: custody::BlockTerminationSignals). Errors at start-up are returned before serving.
 [[nodiscard]] absl::Status RunKeyd(const custody::v1::KeydConfig& config,
                                    const KeydOptions& options);
 

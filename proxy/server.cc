@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "common/config_check.h"
 #include "common/log.h"
+#include "common/signals.h"
 #include "common/status.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "keyservice/client.h"
@@ -161,11 +162,7 @@ class ProxyServer {
 
   // Serve waits for signals: SIGHUP reloads, SIGTERM/SIGINT drain (twice: stop now).
   void Serve() {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
+    const sigset_t set = TerminationSignals();
     bool draining = false;
     for (;;) {
       if (draining && running_.load() == 0) {
@@ -289,12 +286,7 @@ class ProxyServer {
 }  // namespace
 
 void BlockProxySignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  BlockTerminationSignals();
   signal(SIGPIPE, SIG_IGN);
 }
 
