@@ -207,7 +207,8 @@ class ProxyServer {
       rt.name = listener.name();
       CUSTODY_ASSIGN_OR_RETURN(rt.tls,
                                ListenerTls::Build(listener, libctx_.get(), *signer_, timeout));
-      CUSTODY_ASSIGN_OR_RETURN(rt.backend, ParseBackendAddress(listener.backend().address()));
+      rt.backend_address = listener.backend().address();
+      CUSTODY_ASSIGN_OR_RETURN(rt.backend, ParseBackendAddress(rt.backend_address));
       CUSTODY_RETURN_IF_ERROR(ResolveBackend(listener.name(), rt));
       rt.connect_timeout_ms = listener.backend().connect_timeout_ms();
       rt.metrics = metrics_.ForListener(listener.name());

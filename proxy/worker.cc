@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -350,7 +351,6 @@ void Worker::OnAccept(size_t listener) {
     ref.client_registered = Register(fd, &ref.client_watch);
     connections_.push_back(std::move(c));
     ++handshakes_;
-    open_.fetch_add(1, std::memory_order_relaxed);
     rt.metrics->open->Increment();
     spdlog::debug("[C{}] {}: accepted", ref.id, rt.name);
     Handshake(ref);
@@ -537,11 +537,7 @@ void Worker::StartBackend(Connection& c) {
   }
   if (errno != EINPROGRESS && errno != EAGAIN) {
     Close(c, CloseReason::kBackendError,
-          absl::StrCat("backend ", rt.backend.unix_path.empty() ? "" : "unix:",
-                       rt.backend.unix_path.empty()
-                           ? absl::StrCat(rt.backend.host, ":", rt.backend.port)
-                           : rt.backend.unix_path,
-                           ": ", ErrnoText(errno)));
+          absl::StrCat("backend ", rt.backend_address, ": ", ErrnoText(errno)));
     return;
   }
   c.backend_registered = Register(c.backend.get(), &c.backend_watch);
@@ -554,13 +550,8 @@ void Worker::OnBackendConnected(Connection& c) {
   socklen_t len = sizeof(err);
   ::getsockopt(c.backend.get(), SOL_SOCKET, SO_ERROR, &err, &len);
   if (err != 0) {
-    const ListenerRuntime& rt = *c.runtime;
     Close(c, CloseReason::kBackendError,
-          absl::StrCat("backend ",
-                       rt.backend.unix_path.empty()
-                           ? absl::StrCat(rt.backend.host, ":", rt.backend.port)
-                           : absl::StrCat("unix:", rt.backend.unix_path),
-                       ": ", ErrnoText(err)));
+          absl::StrCat("backend ", c.runtime->backend_address, ": ", ErrnoText(err)));
     return;
   }
   c.phase = Connection::Phase::kRelay;
@@ -572,14 +563,13 @@ void Worker::OnBackendConnected(Connection& c) {
 // that were not ready. It reads from a side only while its buffer has room (backpressure) and
 // passes each side's end on once its buffer is empty (half-close).
 bool Worker::Pump(Connection& c) {
-  bool moved = false;
+  bool moved = false;  // Any round made progress.
   const bool connected = c.phase == Connection::Phase::kRelay;
   bool progress = true;
   int rounds = 0;
   uint64_t to_backend = 0;
   uint64_t to_client = 0;
   while (progress && rounds++ < kPumpRoundsPerTurn) {
-    moved = moved || rounds > 1;
     progress = false;
     // Client -> buffer.
     const bool may_read_client =
@@ -695,6 +685,7 @@ bool Worker::Pump(Connection& c) {
         }
       }
     }
+    moved = moved || progress;
   }
   if (to_backend + to_client > 0) {
     c.last_active_ms = NowMs();
@@ -719,7 +710,7 @@ bool Worker::Pump(Connection& c) {
       to_pump_.push_back(&c);
     }
   }
-  return moved || progress;
+  return moved;
 }
 
 void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
@@ -736,7 +727,6 @@ void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
   }
   rt.metrics->closed[static_cast<int>(reason)]->Increment();
   c.closed = true;
-  open_.fetch_sub(1, std::memory_order_relaxed);
   rt.metrics->open->Decrement();
   if (c.client_registered) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.client.get(), nullptr);

@@ -8,7 +8,6 @@
 
 #include <sys/socket.h>
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -29,6 +28,7 @@ struct ListenerRuntime {
   std::string name;
   std::shared_ptr<const ListenerTls> tls;
   BackendAddress backend;
+  std::string backend_address;  // As configured, for logs.
   sockaddr_storage backend_addr{};  // Resolved when the state was built.
   socklen_t backend_addr_len = 0;
   int64_t connect_timeout_ms = 0;
@@ -64,9 +64,6 @@ class Worker {
   // Drain stops accepting; open connections get until `deadline_ms` (CLOCK_MONOTONIC) to finish,
   // then are closed. Thread-safe.
   void Drain(int64_t deadline_ms);
-
-  // Connections reports the connections open now (any thread; approximate).
-  int open_connections() const { return open_.load(std::memory_order_relaxed); }
 
   struct Connection;
   struct Watch;
@@ -108,7 +105,6 @@ class Worker {
   bool draining_ = false;
   int64_t drain_deadline_ms_ = 0;
   int handshakes_ = 0;  // Connections in the handshake (paused ones included).
-  std::atomic<int> open_{0};
   std::vector<std::unique_ptr<Connection>> connections_;  // Unordered; index in Connection.
   std::vector<Connection*> to_free_;                      // Closed during this loop turn.
   std::vector<Connection*> to_pump_;  // Relays that stopped at their turn's quota.
