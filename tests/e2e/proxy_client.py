@@ -89,6 +89,44 @@ def ctl(ctl_path, *args):
     return r.stdout
 
 
+class HeldHandshakes:
+    """N client handshakes started at once (in threads) while the key service holds every
+    signature; release() lets them finish and checks they all did."""
+
+    def __init__(self, addr, ca, ctl_path, n):
+        self.ctl_path = ctl_path
+        self.n = n
+        self.results = [None] * n
+        ctl(ctl_path, "--identity", "admin", "testing", "set-fault", "--hold")
+        started = threading.Barrier(n + 1)
+
+        def handshake(i):
+            try:
+                started.wait(timeout=30)
+                self.results[i] = ("ok", connect(addr, ca, timeout=60))
+            except Exception as e:  # noqa: BLE001 - reported by release()
+                self.results[i] = ("error", repr(e))
+
+        self.threads = [threading.Thread(target=handshake, args=(i,)) for i in range(n)]
+        for t in self.threads:
+            t.start()
+        started.wait(timeout=30)
+
+    def finished(self):
+        return [r for r in self.results if r is not None]
+
+    def release(self):
+        """Clears the hold, releases the held signatures; returns the N connections."""
+        ctl(self.ctl_path, "--identity", "admin", "testing", "set-fault")
+        ctl(self.ctl_path, "--identity", "admin", "testing", "release-held")
+        for t in self.threads:
+            t.join(timeout=90)
+        bad = [r for r in self.results if r is None or r[0] != "ok"]
+        if bad:
+            fail(f"{len(bad)} of {self.n} handshakes failed after release: {bad[:3]}")
+        return [s for _, s in self.results]
+
+
 def relay_while_held(addr, ca, ctl_path, n):
     """With one worker and the key service holding every signature back: an open connection
     keeps relaying while N handshakes wait at once, and all N finish once released."""
@@ -99,22 +137,7 @@ def relay_while_held(addr, ca, ctl_path, n):
         fail("connection A: echo before the hold differs")
     ok("connection A open and relaying (100000 bytes echoed)")
 
-    ctl(ctl_path, "--identity", "admin", "testing", "set-fault", "--hold")
-    results = [None] * n
-    started = threading.Barrier(n + 1)
-
-    def handshake(i):
-        try:
-            started.wait(timeout=30)
-            s = connect(addr, ca, timeout=60)
-            results[i] = ("ok", s)
-        except Exception as e:  # noqa: BLE001 - reported below
-            results[i] = ("error", repr(e))
-
-    threads = [threading.Thread(target=handshake, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    started.wait(timeout=30)
+    held = HeldHandshakes(addr, ca, ctl_path, n)
     # Wait until every handshake is paused on its signature: the proxy's own gauge of
     # signatures awaited (polled, no sleep-based guess).
     deadline = time.time() + 60
@@ -122,33 +145,25 @@ def relay_while_held(addr, ca, ctl_path, n):
         waiting = proxy_metric("custody_proxy_signs_in_flight")
         if waiting >= n:
             break
-        if any(r is not None for r in results):
-            fail(f"a handshake finished while signatures were held: {results}")
+        if held.finished():
+            fail(f"a handshake finished while signatures were held: {held.finished()}")
         if time.time() > deadline:
             fail(f"only {waiting} of {n} handshakes reached the key service")
         time.sleep(0.05)
-    held = waiting
-    ok(f"{int(held)} handshakes paused at once on the key service, none finished")
+    ok(f"{int(waiting)} handshakes paused at once on the key service, none finished")
 
     # The same single worker keeps relaying for A while those handshakes are paused.
     for round_no in range(5):
         payload = os.urandom(200000)
         if echo_round(a, payload) != payload:
             fail(f"connection A: echo round {round_no} differs while handshakes are held")
-    done_early = [r for r in results if r is not None]
-    if done_early:
-        fail(f"{len(done_early)} handshake(s) finished while the key service held signatures")
+    if held.finished():
+        fail(f"{len(held.finished())} handshake(s) finished while the key service held signatures")
     ok("connection A relayed 5 x 200000 bytes while every handshake stayed paused")
 
-    ctl(ctl_path, "--identity", "admin", "testing", "set-fault")
-    ctl(ctl_path, "--identity", "admin", "testing", "release-held")
-    for t in threads:
-        t.join(timeout=90)
-    bad = [r for r in results if r is None or r[0] != "ok"]
-    if bad:
-        fail(f"{len(bad)} of {n} handshakes failed after release: {bad[:3]}")
+    released = held.release()
     ok(f"all {n} held handshakes completed after release")
-    for _, s in results:
+    for s in released:
         payload = os.urandom(1000)
         if echo_round(s, payload) != payload:
             fail("a released connection does not relay")
@@ -165,19 +180,7 @@ def admission(addr, ca, ctl_path, n, limit):
     handshakes are admitted (the rest wait in the kernel's backlog), and all N finish once the
     signatures are released."""
     n, limit = int(n), int(limit)
-    ctl(ctl_path, "--identity", "admin", "testing", "set-fault", "--hold")
-    results = [None] * n
-
-    def handshake(i):
-        try:
-            s = connect(addr, ca, timeout=60)
-            results[i] = ("ok", s)
-        except Exception as e:  # noqa: BLE001 - reported below
-            results[i] = ("error", repr(e))
-
-    threads = [threading.Thread(target=handshake, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
+    held = HeldHandshakes(addr, ca, ctl_path, n)
     # The admitted handshakes reach the key service once their ClientHello is read: poll until
     # LIMIT of them wait there, and check that never more do.
     deadline = time.time() + 60
@@ -195,17 +198,10 @@ def admission(addr, ca, ctl_path, n, limit):
         if waiting != limit:
             fail(f"{waiting} handshakes waiting for a signature; the limit is {limit}")
         time.sleep(0.05)
-    if any(r is not None for r in results):
+    if held.finished():
         fail("a handshake finished while signatures were held")
     ok(f"{n} clients, {int(waiting)} handshakes admitted (the limit), accepting paused")
-    ctl(ctl_path, "--identity", "admin", "testing", "set-fault")
-    ctl(ctl_path, "--identity", "admin", "testing", "release-held")
-    for t in threads:
-        t.join(timeout=90)
-    bad = [r for r in results if r is None or r[0] != "ok"]
-    if bad:
-        fail(f"{len(bad)} of {n} handshakes failed after release: {bad[:3]}")
-    for _, s in results:
+    for s in held.release():
         s.close()
     ok(f"all {n} handshakes completed once released (the backlog was admitted in turn)")
 

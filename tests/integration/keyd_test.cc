@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <fstream>
 #include <map>
 #include <random>
@@ -111,6 +112,23 @@ class KeydTest : public ::testing::Test {
     return lines;
   }
 
+  // SetFault sets keyd's fault injector (test hooks, admin identity); false on failure.
+  static bool SetFault(v1::KeyServiceTesting::Stub& admin, const v1::Fault& fault) {
+    grpc::ClientContext ctx;
+    v1::SetFaultRequest req;
+    *req.mutable_fault() = fault;
+    v1::SetFaultResponse resp;
+    return admin.SetFault(&ctx, req, &resp).ok();
+  }
+  // ReleaseHeld lets held signatures go; returns how many were held, nullopt on failure.
+  static std::optional<uint32_t> ReleaseHeld(v1::KeyServiceTesting::Stub& admin) {
+    grpc::ClientContext ctx;
+    v1::ReleaseHeldResponse out;
+    if (!admin.ReleaseHeld(&ctx, {}, &out).ok()) {
+      return std::nullopt;
+    }
+    return out.released();
+  }
   static bool Serving() { return testing::WaitForHealthy("proxy", absl::Seconds(5)).ok(); }
 
   static testing::Lab* lab_;
@@ -475,13 +493,7 @@ TEST_F(KeydTest, BatchingSignerSignsManyConcurrentRequests) {
 // The fault injector (test hooks): corrupt, failing, slow and held signatures, then normal.
 TEST_F(KeydTest, FaultInjectionDrivesFailuresAndHolds) {
   auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
-  auto set_fault = [&](const v1::Fault& fault) {
-    grpc::ClientContext ctx;
-    v1::SetFaultRequest req;
-    *req.mutable_fault() = fault;
-    v1::SetFaultResponse resp;
-    return admin->SetFault(&ctx, req, &resp).ok();
-  };
+  auto set_fault = [&](const v1::Fault& fault) { return SetFault(*admin, fault); };
   auto stub = Stub("proxy");
   const auto request =
       MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "faulty");
@@ -512,10 +524,9 @@ TEST_F(KeydTest, FaultInjectionDrivesFailuresAndHolds) {
   uint32_t released = 0;
   const absl::Time give_up = absl::Now() + absl::Seconds(20);
   while (released == 0 && absl::Now() < give_up) {  // Until the signature is waiting.
-    grpc::ClientContext ctx;
-    v1::ReleaseHeldResponse out;
-    ASSERT_TRUE(admin->ReleaseHeld(&ctx, {}, &out).ok());
-    released = out.released();
+    auto out = ReleaseHeld(*admin);
+    ASSERT_TRUE(out.has_value());
+    released = *out;
   }
   signer.join();
   EXPECT_EQ(released, 1u);
@@ -539,13 +550,7 @@ TEST_F(KeydTest, FaultInjectionDrivesFailuresAndHolds) {
 // one batch are in flight together (keyd's own gauge says so), and all four sign on release.
 TEST_F(KeydTest, SlowHsmBatchIsSignedInParallel) {
   auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
-  auto set_fault = [&](const v1::Fault& fault) {
-    grpc::ClientContext ctx;
-    v1::SetFaultRequest req;
-    *req.mutable_fault() = fault;
-    v1::SetFaultResponse resp;
-    return admin->SetFault(&ctx, req, &resp).ok();
-  };
+  auto set_fault = [&](const v1::Fault& fault) { return SetFault(*admin, fault); };
   auto stub = Stub("proxy");
   const auto request =
       MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "slow");
@@ -585,11 +590,7 @@ TEST_F(KeydTest, SlowHsmBatchIsSignedInParallel) {
   }
   EXPECT_TRUE(all_four) << "the batch's four signatures were not in flight together";
   ASSERT_TRUE(set_fault(v1::Fault()));
-  {
-    grpc::ClientContext ctx;
-    v1::ReleaseHeldResponse out;
-    ASSERT_TRUE(admin->ReleaseHeld(&ctx, {}, &out).ok());
-  }
+  ASSERT_TRUE(ReleaseHeld(*admin).has_value());
   caller.join();
   ASSERT_TRUE(batch_status.ok()) << batch_status.error_message();
   ASSERT_EQ(batch_resp.outcomes_size(), 4);
