@@ -192,22 +192,30 @@ e2e_start_keyd() {
   pass "custody-keyd (pid $KEYD_PID) SERVING on $CUSTODY_KEYD_ADDR"
 }
 
+# _e2e_stop NAME PID SIGNAL SECONDS: send SIGNAL to PID, wait up to SECONDS, then SIGKILL.
+# Sets E2E_STOP_RC to its exit status (128+N when killed by signal N). Runs in the main shell
+# (wait only knows this shell's children).
+_e2e_stop() {
+  local name=$1 pid=$2 sig=$3 secs=$4 i
+  kill -s "$sig" "$pid" 2>/dev/null || true
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$name (pid $pid) still alive $secs s after SIG$sig: SIGKILL"
+    kill -s KILL "$pid" 2>/dev/null || true
+  fi
+  E2E_STOP_RC=0
+  wait "$pid" 2>/dev/null || E2E_STOP_RC=$?
+}
+
 # e2e_stop_keyd [SIGNAL]: send SIGNAL (default TERM), wait up to 5 s, then SIGKILL.
 # Sets KEYD_RC to keyd's exit status (128+N when killed by signal N). No-op if not running.
 e2e_stop_keyd() {
-  local sig=${1:-TERM} i
   [[ -n "$KEYD_PID" ]] || return 0
-  kill -s "$sig" "$KEYD_PID" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$KEYD_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$KEYD_PID" 2>/dev/null; then
-    echo "custody-keyd (pid $KEYD_PID) still alive 5 s after SIG$sig: SIGKILL"
-    kill -s KILL "$KEYD_PID" 2>/dev/null || true
-  fi
-  KEYD_RC=0
-  wait "$KEYD_PID" 2>/dev/null || KEYD_RC=$?
+  _e2e_stop custody-keyd "$KEYD_PID" "${1:-TERM}" 5
+  KEYD_RC=$E2E_STOP_RC
   KEYD_PID=
 }
 
@@ -272,19 +280,9 @@ e2e_start_proxy() {
 # e2e_stop_proxy [SIGNAL] [SECONDS]: signal (default TERM), wait (default 15 s), then SIGKILL.
 # Sets PROXY_RC.
 e2e_stop_proxy() {
-  local sig=${1:-TERM} secs=${2:-15} i
   [[ -n "$PROXY_PID" ]] || return 0
-  kill -s "$sig" "$PROXY_PID" 2>/dev/null || true
-  for ((i = 0; i < secs * 10; i++)); do
-    kill -0 "$PROXY_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$PROXY_PID" 2>/dev/null; then
-    echo "custody-proxy (pid $PROXY_PID) still alive ${secs} s after SIG$sig: SIGKILL"
-    kill -s KILL "$PROXY_PID" 2>/dev/null || true
-  fi
-  PROXY_RC=0
-  wait "$PROXY_PID" 2>/dev/null || PROXY_RC=$?
+  _e2e_stop custody-proxy "$PROXY_PID" "${1:-TERM}" "${2:-15}"
+  PROXY_RC=$E2E_STOP_RC
   PROXY_PID=
 }
 
