@@ -15,7 +15,8 @@ namespace {
 
 class GrpcKeySigner;
 
-// Deferred signatures of this thread (SetDeferredSigns).
+// DeferredSign is a signature asked for and not yet sent: in this thread's deferred list
+// (SetDeferredSigns) or in a signer's dispatch queue.
 struct DeferredSign {
   GrpcKeySigner* signer;
   custody::v1::SignRequest request;
@@ -28,6 +29,17 @@ thread_local std::vector<DeferredSign> t_deferred;
 absl::Status FromGrpc(const grpc::Status& st) {
   return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
                       absl::StrCat("key service: ", st.error_message()));
+}
+
+// ToBatcherDone adapts a SignDone to BatchingSigner's callback.
+keyservice::BatchingSigner::Done ToBatcherDone(KeySigner::SignDone done) {
+  return [done = std::move(done)](const grpc::Status& st, const custody::v1::SignResponse& resp) {
+    if (st.ok()) {
+      done(resp);
+    } else {
+      done(FromGrpc(st));
+    }
+  };
 }
 
 // GrpcKeySigner: unary calls on one mutual-TLS channel for blocking use; for asynchronous use,
@@ -57,7 +69,7 @@ class GrpcKeySigner final : public KeySigner {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back({request, deadline, std::move(done)});
+      queue_.push_back({this, request, deadline, std::move(done)});
     }
     wake_.notify_one();
   }
@@ -71,15 +83,7 @@ class GrpcKeySigner final : public KeySigner {
         item.done(absl::DeadlineExceededError("signing deadline passed before sending"));
         continue;
       }
-      auto done = std::make_shared<SignDone>(std::move(item.done));
-      batch.emplace_back(std::move(item.request),
-                         [done](const grpc::Status& st, const custody::v1::SignResponse& resp) {
-                           if (st.ok()) {
-                             (*done)(resp);
-                           } else {
-                             (*done)(FromGrpc(st));
-                           }
-                         });
+      batch.emplace_back(std::move(item.request), ToBatcherDone(std::move(item.done)));
     }
     if (!batch.empty()) {
       batcher_.SignMany(std::move(batch));
@@ -110,12 +114,6 @@ class GrpcKeySigner final : public KeySigner {
   }
 
  private:
-  struct Queued {
-    custody::v1::SignRequest request;
-    absl::Time deadline;
-    SignDone done;
-  };
-
   // Dispatch moves queued requests to the batcher until the signer is destroyed.
   void Dispatch() {
     std::unique_lock<std::mutex> lock(mu_);
@@ -124,22 +122,11 @@ class GrpcKeySigner final : public KeySigner {
       if (queue_.empty()) {
         return;  // Stopping, and nothing left to send.
       }
-      Queued q = std::move(queue_.front());
+      std::vector<DeferredSign> one;
+      one.push_back(std::move(queue_.front()));
       queue_.pop_front();
       lock.unlock();
-      if (absl::Now() >= q.deadline) {
-        q.done(absl::DeadlineExceededError("signing deadline passed before sending"));
-      } else {
-        auto done = std::make_shared<SignDone>(std::move(q.done));
-        batcher_.Sign(std::move(q.request),
-                      [done](const grpc::Status& st, const custody::v1::SignResponse& resp) {
-                        if (st.ok()) {
-                          (*done)(resp);
-                        } else {
-                          (*done)(FromGrpc(st));
-                        }
-                      });
-      }
+      SubmitNow(one);
       lock.lock();
     }
   }
@@ -148,7 +135,7 @@ class GrpcKeySigner final : public KeySigner {
   keyservice::BatchingSigner batcher_;
   std::mutex mu_;  // Guards queue_ and stopping_.
   std::condition_variable wake_;
-  std::deque<Queued> queue_;
+  std::deque<DeferredSign> queue_;
   bool stopping_ = false;
   std::thread dispatcher_;  // Last: starts once everything above exists.
 };
