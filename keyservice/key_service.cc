@@ -1,6 +1,8 @@
 #include "keyservice/key_service.h"
 
 #include <openssl/evp.h>
+#include <sched.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +36,13 @@ absl::Status CheckKeyName(const std::string& name) {
 double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
 
 int64_t Micros(absl::Time start) { return absl::ToInt64Microseconds(absl::Now() - start); }
+
+// ThreadCpuMicros is the CPU time the calling thread has used.
+int64_t ThreadCpuMicros() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
 
 custody::v1::KeyType ToProto(hsm::KeyType type) {
   switch (type) {
@@ -157,6 +166,10 @@ absl::StatusOr<hsm::SignResult> KeyServiceImpl::CheckAndSign(
         " (use a TLS SignatureScheme code point, e.g. 0x0403 ecdsa_secp256r1_sha256)"));
   }
   const bool is_message = request.input_case() == custody::v1::SignRequest::kMessage;
+  if (absl::Now() >= deadline) {
+    // It waited too long (in a queue, behind a busy HSM): the caller has given up on it.
+    return absl::DeadlineExceededError("the request's deadline passed before it was signed");
+  }
   const std::string& in = is_message ? request.message() : request.digest();
   CUSTODY_ASSIGN_OR_RETURN(
       const hsm::SignInput input,
@@ -165,6 +178,12 @@ absl::StatusOr<hsm::SignResult> KeyServiceImpl::CheckAndSign(
           absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size()),
           limits_.max_message_bytes));
   return backend_.Sign(request.key_name(), request.version(), input, deadline);
+}
+
+bool UsesSeveralCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof(set), &set) != 0 || CPU_COUNT(&set) > 1;
 }
 
 grpc::Status KeyServiceImpl::HandleSign(grpc::ServerContext* context,
@@ -192,8 +211,10 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
                      request->version(),
                      scheme ? scheme->name : ""};
 
+  const int64_t cpu_start = ThreadCpuMicros();
   absl::StatusOr<hsm::SignResult> result =
       CheckAndSign(caller, *request, scheme, std::min(start + limits_.sign_timeout, call_deadline));
+  const int64_t cpu_us = ThreadCpuMicros() - cpu_start;
 
   const absl::Status status = result.status();
   record.outcome = CodeName(status.code());
@@ -204,9 +225,13 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
   }
   record.latency_us = Micros(start);
   if (result.ok()) {
-    // A cheap running average (1/8 weight) of a signature's cost, for HandleSignBatch.
+    // Cheap running averages (1/8 weight) of a signature's time, and of the part of it spent
+    // off this thread's CPU (waiting for the HSM), for SlowToSign.
     const int64_t avg = sign_avg_us_.load(std::memory_order_relaxed);
     sign_avg_us_.store(avg + (record.latency_us - avg) / 8, std::memory_order_relaxed);
+    const int64_t wait_us = std::max<int64_t>(0, record.latency_us - cpu_us);
+    const int64_t wait_avg = sign_wait_avg_us_.load(std::memory_order_relaxed);
+    sign_wait_avg_us_.store(wait_avg + (wait_us - wait_avg) / 8, std::memory_order_relaxed);
   }
   absl::StatusOr<std::string> id = audit_.Append(record);
   // Metric labels take the key name only for keys that exist and that the caller may use:
@@ -232,6 +257,15 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
   response->set_version(result->version);
   response->set_request_id(*id);
   return grpc::Status::OK;
+}
+
+// SetOutcomeStatus records a failed request's status in its outcome (and drops any response).
+void SetOutcomeStatus(const grpc::Status& status, custody::v1::SignOutcome* outcome) {
+  if (!status.ok()) {
+    outcome->clear_response();
+    outcome->set_code(status.error_code());
+    outcome->set_message(status.error_message());
+  }
 }
 
 // A batch is signed in parallel when, at the recent average cost per signature, it would take
@@ -292,59 +326,84 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   // caches its auth context on first use) and the requests may be signed on several threads.
   const Caller caller = CallerOf(*context);
   const absl::Time call_deadline = absl::FromChrono(context->deadline());
-  auto sign_one = [&](int i) {
+  SignEach(n, [&](int i) {
     custody::v1::SignOutcome* outcome = response->mutable_outcomes(i);
     const grpc::Status st =
         SignFor(caller, call_deadline, &request->requests(i), outcome->mutable_response());
-    if (!st.ok()) {
-      outcome->clear_response();
-      outcome->set_code(st.error_code());
-      outcome->set_message(st.error_message());
-    }
-  };
+    SetOutcomeStatus(st, outcome);
+  });
+  metrics_.RecordRequest("SignBatch", "OK");
+  return grpc::Status::OK;
+}
+
+bool KeyServiceImpl::SlowToSign(int n) const {
+  if (helpers_ == nullptr) {
+    return false;
+  }
+  // Waiting (a network HSM, a slow token) overlaps on any machine; signing that is CPU work in
+  // this process (SoftHSM) overlaps only when the process may use more than one CPU.
+  const int64_t per_sign = multi_cpu_ ? sign_avg_us_.load(std::memory_order_relaxed)
+                                      : sign_wait_avg_us_.load(std::memory_order_relaxed);
+  return per_sign * n >= kParallelBatchUs;
+}
+
+void KeyServiceImpl::Post(std::function<void()> task) {
+  if (helpers_ == nullptr) {
+    task();
+    return;
+  }
+  helpers_->Post(std::move(task));
+}
+
+void KeyServiceImpl::SignEach(int n, const std::function<void(int)>& sign_one) {
   // Signing in parallel costs thread hand-offs; it pays only when the batch would take long in
   // turn (a slow HSM, RSA, a big batch), not for a few fast signatures.
-  const bool parallel = n > 1 && helpers_ != nullptr &&
-                        sign_avg_us_.load(std::memory_order_relaxed) * n >= kParallelBatchUs;
-  if (!parallel) {
+  if (n <= 1 || !SlowToSign(n)) {
     for (int i = 0; i < n; ++i) {
       sign_one(i);
     }
-  } else {
-    // This thread and up to n-1 helpers take requests in turn from a shared index; the call
-    // returns once every helper is done (they use this frame's request and response).
-    // This thread and up to n-1 helpers claim requests from a shared index; the call returns
-    // once all n are signed. A helper that starts late finds nothing left to claim and touches
-    // nothing of this frame, so the batch never waits for a helper to be scheduled. The shared
-    // state is reference counted for such late helpers.
-    struct Shared {
-      std::atomic<int> next{0};
-      std::atomic<int> finished{0};
-      std::mutex mu;
-      std::condition_variable all_done;
-      std::function<void(int)> sign;
-    };
-    auto shared = std::make_shared<Shared>();
-    shared->sign = sign_one;
-    auto work = [n](Shared& s) {
-      for (int i; (i = s.next.fetch_add(1)) < n;) {
-        s.sign(i);
-        if (s.finished.fetch_add(1) + 1 == n) {
-          std::lock_guard<std::mutex> lock(s.mu);
-          s.all_done.notify_all();
-        }
-      }
-    };
-    const int helpers = static_cast<int>(std::min<std::size_t>(n - 1, helpers_->size()));
-    for (int h = 0; h < helpers; ++h) {
-      helpers_->Post([shared, work] { work(*shared); });
-    }
-    work(*shared);
-    std::unique_lock<std::mutex> lock(shared->mu);
-    shared->all_done.wait(lock, [&] { return shared->finished.load() == n; });
+    return;
   }
-  metrics_.RecordRequest("SignBatch", "OK");
-  return grpc::Status::OK;
+  // This thread and up to n-1 helpers claim requests from a shared index; the call returns
+  // once all n are signed. A helper that starts late finds nothing left to claim and touches
+  // nothing of this frame, so the batch never waits for a helper to be scheduled. The shared
+  // state is reference counted for such late helpers.
+  struct Shared {
+    std::atomic<int> next{0};
+    std::atomic<int> finished{0};
+    std::mutex mu;
+    std::condition_variable all_done;
+    std::function<void(int)> sign;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->sign = sign_one;
+  auto work = [n](Shared& s) {
+    for (int i; (i = s.next.fetch_add(1)) < n;) {
+      s.sign(i);
+      if (s.finished.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.all_done.notify_all();
+      }
+    }
+  };
+  const int helpers = static_cast<int>(std::min<std::size_t>(n - 1, helpers_->size()));
+  for (int h = 0; h < helpers; ++h) {
+    helpers_->Post([shared, work] { work(*shared); });
+  }
+  work(*shared);
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&] { return shared->finished.load() == n; });
+}
+
+grpc::Status KeyServiceImpl::SignStreamItem(const Caller& caller, absl::Time received,
+                                            const custody::v1::SignStreamItem& item,
+                                            custody::v1::SignOutcome* outcome) {
+  const absl::Time deadline =
+      item.timeout_ms() == 0 ? absl::InfiniteFuture()
+                             : received + absl::Milliseconds(item.timeout_ms());
+  const grpc::Status st = SignFor(caller, deadline, &item.request(), outcome->mutable_response());
+  SetOutcomeStatus(st, outcome);
+  return st;
 }
 
 grpc::Status KeyServiceImpl::Refuse(const Caller& caller, const std::string& method,

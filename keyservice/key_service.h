@@ -51,6 +51,9 @@ struct ServiceLimits {
   std::size_t batch_parallelism = 1;
 };
 
+// UsesSeveralCpus says whether this process may run on more than one CPU (its affinity mask).
+bool UsesSeveralCpus();
+
 // BatchHelpers are threads that sign a batch's requests alongside the thread serving the
 // batch, so that a batch uses as many HSM sessions as it has requests (up to the pool size)
 // instead of one after the other: with an HSM that takes 5 ms per signature, a batch of 16 then
@@ -75,18 +78,20 @@ class BatchHelpers {
 };
 
 // KeyServiceImpl is thread-safe; it borrows everything it is given, which must outlive it.
-// Sign and SignBatch are served asynchronously (by SignWorkers, which call HandleSign and
-// HandleSignBatch on their own threads, so a signature never waits for a thread hop); GetKey
-// and ListKeys by gRPC's sync thread pool.
+// Sign, SignBatch and SignStream are served asynchronously (by SignWorkers, which call the
+// Handle and Sign methods below on their own threads, so a signature never waits for a thread
+// hop unless it is worth signing several at once); GetKey and ListKeys by gRPC's sync pool.
 class KeyServiceImpl final
     : public custody::v1::KeyService::WithAsyncMethod_Sign<
-          custody::v1::KeyService::WithAsyncMethod_SignBatch<custody::v1::KeyService::Service>> {
+          custody::v1::KeyService::WithAsyncMethod_SignBatch<
+              custody::v1::KeyService::WithAsyncMethod_SignStream<
+                  custody::v1::KeyService::Service>>> {
  public:
   KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
                  KeydMetrics& metrics, ServiceLimits limits)
       : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits),
         helpers_(limits.batch_parallelism > 1
-                     ? std::make_unique<BatchHelpers>(limits.batch_parallelism - 1)
+                     ? std::make_unique<BatchHelpers>(limits.batch_parallelism)
                      : nullptr) {}
 
   // HandleSign serves one Sign call: policy, input checks, the HSM, the audit record.
@@ -98,6 +103,22 @@ class KeyServiceImpl final
   grpc::Status HandleSignBatch(grpc::ServerContext* context,
                                const custody::v1::SignBatchRequest* request,
                                custody::v1::SignBatchResponse* response);
+
+  // SignStreamItem serves one item of a SignStream call read at `received` for `caller`, as
+  // HandleSign would, into `outcome`.
+  grpc::Status SignStreamItem(const Caller& caller, absl::Time received,
+                              const custody::v1::SignStreamItem& item,
+                              custody::v1::SignOutcome* outcome);
+  // SlowToSign says whether n signatures would take long enough in turn (at the recent average
+  // cost) to be worth handing to helper threads: spread over several HSM sessions, or kept off
+  // a thread that has other calls to read. False when the service has no helpers.
+  bool SlowToSign(int n) const;
+  // SignEach runs sign_one(0..n-1), on this thread alone or, when n > 1 and SlowToSign(n), with
+  // up to n-1 helper threads; it returns once all n have run.
+  void SignEach(int n, const std::function<void(int)>& sign_one);
+  // Post runs `task` on a helper thread (inline when the service has none).
+  void Post(std::function<void()> task);
+
   grpc::Status GetKey(grpc::ServerContext* context, const custody::v1::GetKeyRequest* request,
                       custody::v1::Key* response) override;
   grpc::Status ListKeys(grpc::ServerContext* context, const custody::v1::ListKeysRequest* request,
@@ -127,8 +148,11 @@ class KeyServiceImpl final
   KeydMetrics& metrics_;
   const ServiceLimits limits_;
   std::unique_ptr<BatchHelpers> helpers_;  // Null when batches are signed in turn.
-  // Running average of a successful signature's time in the service, in microseconds.
+  // Running averages of a successful signature's time in the service, and of the part of it
+  // spent off the CPU, in microseconds.
   std::atomic<int64_t> sign_avg_us_{0};
+  std::atomic<int64_t> sign_wait_avg_us_{0};
+  const bool multi_cpu_ = UsesSeveralCpus();
 };
 
 class TestingServiceImpl final : public custody::v1::KeyServiceTesting::Service {

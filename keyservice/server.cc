@@ -128,6 +128,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
     break;
   }
   server->GetHealthCheckService()->Shutdown();
+  sign_workers.Drain();
   server->Shutdown(absl::ToChronoTime(absl::Now() + kDrainTimeout));
   sign_workers.Stop();
   server->Wait();

@@ -1,4 +1,4 @@
-// SignWorkers: the threads of the signing RPCs (Sign, SignBatch). Each worker polls its own
+// SignWorkers: the threads of the signing RPCs (Sign, SignBatch, SignStream). Each worker polls its own
 // completion queue and signs inline, so the thread that reads a request off the socket is the one
 // that calls the HSM and writes the answer: no hand-off between threads on the signing path. The
 // number of workers is the number of HSM sessions, which bounds the signatures in flight; further
@@ -8,6 +8,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -27,8 +29,19 @@ class SignWorkers {
 
   // Start starts the threads. Call after the server is built and started.
   void Start();
+  // Drain ends every SignStream call (and any opened from now on) once the items it has read
+  // are answered, so that clients move to another replica. Call before grpc::Server::Shutdown,
+  // which would otherwise wait for these long-lived calls until its deadline.
+  void Drain();
   // Stop shuts the queues down and joins the threads. Call after grpc::Server::Shutdown.
   void Stop();
+
+  // Streams: the SignStream calls open now (opaque to callers).
+  struct Streams {
+    std::mutex mu;  // Guards what follows.
+    std::set<void*> open;
+    bool draining = false;
+  };
 
  private:
   void Run(grpc::ServerCompletionQueue* queue);
@@ -36,6 +49,7 @@ class SignWorkers {
   KeyServiceImpl& service_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
   std::vector<std::thread> threads_;
+  Streams streams_;
 };
 
 }  // namespace custody::keyservice

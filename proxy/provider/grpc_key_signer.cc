@@ -1,4 +1,5 @@
 #include <condition_variable>
+#include <algorithm>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -6,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "custody/v1/key_service.grpc.pb.h"
-#include "keyservice/batching_signer.h"
+#include "keyservice/stream_signer.h"
 #include "keyservice/client.h"
 #include "proxy/provider/key_signer.h"
 
@@ -14,6 +15,10 @@ namespace custody::provider {
 namespace {
 
 class GrpcKeySigner;
+
+// Signing streams per key service channel: two, so that with several replicas the signatures
+// spread over two of them (gRPC's round-robin places each new stream on the next ready one).
+constexpr int kSignLanes = 2;
 
 // DeferredSign is a signature asked for and not yet sent: in this thread's deferred list
 // (SetDeferredSigns) or in a signer's dispatch queue.
@@ -31,8 +36,8 @@ absl::Status FromGrpc(const grpc::Status& st) {
                       absl::StrCat("key service: ", st.error_message()));
 }
 
-// ToBatcherDone adapts a SignDone to BatchingSigner's callback.
-keyservice::BatchingSigner::Done ToBatcherDone(KeySigner::SignDone done) {
+// ToStreamDone adapts a SignDone to StreamSigner's callback.
+keyservice::StreamSigner::Done ToStreamDone(KeySigner::SignDone done) {
   return [done = std::move(done)](const grpc::Status& st, const custody::v1::SignResponse& resp) {
     if (st.ok()) {
       done(resp);
@@ -42,14 +47,16 @@ keyservice::BatchingSigner::Done ToBatcherDone(KeySigner::SignDone done) {
   };
 }
 
-// GrpcKeySigner: unary calls on one mutual-TLS channel for blocking use; for asynchronous use,
-// a dispatcher thread hands requests to a BatchingSigner (so no gRPC call starts on a caller's
-// stack, which may be an ASYNC job's).
+// GrpcKeySigner: unary calls on one mutual-TLS channel for blocking use; asynchronous requests
+// go to a StreamSigner (long-lived SignStream calls), handed over by the event loop that
+// deferred them or, for other callers, by a dispatcher thread (so no gRPC call starts on a
+// caller's stack, which may be an ASYNC job's).
 class GrpcKeySigner final : public KeySigner {
  public:
   GrpcKeySigner(std::shared_ptr<grpc::Channel> channel, absl::Duration sign_timeout)
       : stub_(custody::v1::KeyService::NewStub(channel)),
-        batcher_({channel}, /*max_in_flight=*/2, sign_timeout),
+        sign_timeout_(sign_timeout),
+        streams_(channel, kSignLanes),
         dispatcher_([this] { Dispatch(); }) {}
 
   ~GrpcKeySigner() override {
@@ -74,20 +81,16 @@ class GrpcKeySigner final : public KeySigner {
     wake_.notify_one();
   }
 
-  // SubmitNow hands `items` (all for this signer) to the batcher from the calling thread.
+  // SubmitNow hands `items` (all for this signer) to the streams from the calling thread.
   void SubmitNow(std::vector<DeferredSign>& items) {
-    std::vector<std::pair<custody::v1::SignRequest, keyservice::BatchingSigner::Done>> batch;
-    const absl::Time now = absl::Now();
+    std::vector<keyservice::StreamSigner::Request> batch;
+    batch.reserve(items.size());
+    const absl::Time latest = absl::Now() + sign_timeout_;
     for (DeferredSign& item : items) {
-      if (now >= item.deadline) {
-        item.done(absl::DeadlineExceededError("signing deadline passed before sending"));
-        continue;
-      }
-      batch.emplace_back(std::move(item.request), ToBatcherDone(std::move(item.done)));
+      batch.push_back({std::move(item.request), std::min(item.deadline, latest),
+                       ToStreamDone(std::move(item.done))});
     }
-    if (!batch.empty()) {
-      batcher_.SignMany(std::move(batch));
-    }
+    streams_.SignMany(std::move(batch));
   }
 
   absl::StatusOr<custody::v1::SignResponse> Sign(const custody::v1::SignRequest& request,
@@ -132,7 +135,8 @@ class GrpcKeySigner final : public KeySigner {
   }
 
   std::unique_ptr<custody::v1::KeyService::Stub> stub_;
-  keyservice::BatchingSigner batcher_;
+  const absl::Duration sign_timeout_;
+  keyservice::StreamSigner streams_;
   std::mutex mu_;  // Guards queue_ and stopping_.
   std::condition_variable wake_;
   std::deque<DeferredSign> queue_;

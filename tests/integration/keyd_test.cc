@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
 #include <fstream>
 #include <map>
@@ -29,6 +31,7 @@
 #include "keyservice/client.h"
 #include "keyservice/config.h"
 #include "keyservice/limits.h"
+#include "keyservice/stream_signer.h"
 #include "tests/support/keyd_process.h"
 #include "tests/support/lab.h"
 #include "tests/support/verify.h"
@@ -488,6 +491,168 @@ TEST_F(KeydTest, BatchingSignerSignsManyConcurrentRequests) {
   }  // The destructor waits for every call.
   EXPECT_EQ(good.load(), kRequests);
   EXPECT_EQ(bad.load(), 0);
+}
+
+// SignStream on the wire: items are answered by id (a refusal is that item's outcome, audited),
+// and a malformed message (no items, too many, an id already pending) ends the call with
+// INVALID_ARGUMENT after the items read before it are answered.
+TEST_F(KeydTest, SignStreamAnswersItemsByIdAndRefusesMalformedMessages) {
+  auto stub = Stub("proxy");
+  const std::size_t before = AuditLines().size();
+  {
+    grpc::ClientContext ctx;
+    auto stream = stub->SignStream(&ctx);
+    v1::SignStreamRequest message;
+    auto add = [&](uint64_t id, const SignRequest& req) {
+      v1::SignStreamItem* item = message.add_items();
+      item->set_id(id);
+      *item->mutable_request() = req;
+      item->set_timeout_ms(30000);
+    };
+    add(7, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "seven"));
+    add(9, MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "not yours"));
+    add(3, MessageRequest("lab-ed25519", v1::SIGNATURE_SCHEME_ED25519, "three"));
+    ASSERT_TRUE(stream->Write(message));
+    std::map<uint64_t, v1::SignOutcome> outcomes;
+    v1::SignStreamResponse resp;
+    while (outcomes.size() < 3 && stream->Read(&resp)) {
+      for (const auto& r : resp.results()) {
+        EXPECT_TRUE(outcomes.emplace(r.id(), r.outcome()).second) << "id " << r.id() << " twice";
+      }
+    }
+    ASSERT_EQ(outcomes.size(), 3u);
+    EXPECT_EQ(outcomes[7].code(), 0);
+    EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ec256"),
+                                                hsm::SignatureScheme::kEcdsaSecp256r1Sha256,
+                                                "seven", outcomes[7].response().signature()));
+    EXPECT_EQ(outcomes[9].code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_EQ(outcomes[3].code(), 0);
+    EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ed25519"),
+                                                hsm::SignatureScheme::kEd25519, "three",
+                                                outcomes[3].response().signature()));
+    const std::vector<std::string> lines = AuditLines();
+    ASSERT_EQ(lines.size() - before, 3u);
+    // The stream stays open for more; a clean half-close ends it OK.
+    message.Clear();
+    add(11, MessageRequest("lab-ec384", v1::SIGNATURE_SCHEME_ECDSA_SECP384R1_SHA384, "eleven"));
+    ASSERT_TRUE(stream->Write(message));
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_EQ(resp.results_size(), 1);
+    EXPECT_EQ(resp.results(0).id(), 11u);
+    EXPECT_EQ(resp.results(0).outcome().code(), 0);
+    stream->WritesDone();
+    EXPECT_FALSE(stream->Read(&resp));
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+  for (int size : {0, keyservice::kMaxSignBatch + 1}) {
+    grpc::ClientContext ctx;
+    auto stream = stub->SignStream(&ctx);
+    v1::SignStreamRequest bad;
+    for (int i = 0; i < size; ++i) {
+      v1::SignStreamItem* item = bad.add_items();
+      item->set_id(static_cast<uint64_t>(i));
+      *item->mutable_request() =
+          MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "x");
+    }
+    stream->Write(bad);
+    v1::SignStreamResponse resp;
+    while (stream->Read(&resp)) {
+    }
+    const grpc::Status st = stream->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << size << st.error_message();
+  }
+  // The service keeps serving.
+  SignResponse resp;
+  EXPECT_TRUE(Sign(*stub,
+                   MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "ok"),
+                   &resp)
+                  .ok());
+}
+
+// StreamSigner under concurrency, from several threads over two streams: every signature
+// verifies and each request is answered exactly once.
+TEST_F(KeydTest, StreamSignerSignsManyConcurrentRequests) {
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 500;
+  const std::string spki = Spki("lab-ec384");
+  std::atomic<int> good{0};
+  std::atomic<int> bad{0};
+  {
+    keyservice::StreamSigner signer(Channel("proxy"), /*lanes=*/2);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; i += 5) {
+          std::vector<keyservice::StreamSigner::Request> batch;
+          for (int j = i; j < i + 5; ++j) {
+            const std::string message = absl::StrCat("streamed ", t, " ", j);
+            batch.push_back(
+                {MessageRequest("lab-ec384", v1::SIGNATURE_SCHEME_ECDSA_SECP384R1_SHA384, message),
+                 absl::Now() + absl::Seconds(60),
+                 [&, message](const grpc::Status& st, const v1::SignResponse& resp) {
+                   const bool ok =
+                       st.ok() && testing::VerifyMessageSignature(
+                                      spki, hsm::SignatureScheme::kEcdsaSecp384r1Sha384, message,
+                                      resp.signature());
+                   (ok ? good : bad)++;
+                 }});
+          }
+          signer.SignMany(std::move(batch));
+        }
+      });
+    }
+    for (auto& t : threads) {
+      t.join();
+    }
+    const absl::Time give_up = absl::Now() + absl::Seconds(120);
+    while (good + bad < kThreads * kPerThread && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  }
+  EXPECT_EQ(good.load(), kThreads * kPerThread);
+  EXPECT_EQ(bad.load(), 0);
+}
+
+// A signature held by keyd past the request's deadline is answered DEADLINE_EXCEEDED (by the
+// deadline, give or take the expiry tick: the client does not wait for keyd), and the stream
+// that let it expire is replaced: the next request on the same single lane is signed.
+TEST_F(KeydTest, StreamSignerAnswersByTheDeadlineAndRecovers) {
+  auto admin = v1::KeyServiceTesting::NewStub(Channel("admin"));
+  keyservice::StreamSigner signer(Channel("proxy"), /*lanes=*/1);
+  const auto request =
+      MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "stuck");
+  struct Outcome {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<grpc::Status> status;
+  };
+  auto sign = [&](absl::Duration timeout, Outcome& out) {
+    std::vector<keyservice::StreamSigner::Request> one;
+    one.push_back({request, absl::Now() + timeout,
+                   [&out](const grpc::Status& st, const v1::SignResponse&) {
+                     std::lock_guard<std::mutex> lock(out.mu);
+                     out.status = st;
+                     out.cv.notify_all();
+                   }});
+    signer.SignMany(std::move(one));
+  };
+  auto wait = [](Outcome& out) {
+    std::unique_lock<std::mutex> lock(out.mu);
+    out.cv.wait_for(lock, std::chrono::seconds(60), [&] { return out.status.has_value(); });
+    return out.status.value_or(grpc::Status(grpc::StatusCode::UNKNOWN, "no answer"));
+  };
+  v1::Fault held;
+  held.set_hold(true);
+  ASSERT_TRUE(SetFault(*admin, held));
+  Outcome first;
+  sign(absl::Milliseconds(500), first);
+  EXPECT_EQ(wait(first).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  ASSERT_TRUE(SetFault(*admin, v1::Fault()));
+  Outcome second;
+  sign(absl::Seconds(30), second);
+  const grpc::Status st = wait(second);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  ASSERT_TRUE(ReleaseHeld(*admin).has_value());
 }
 
 // The fault injector (test hooks): corrupt, failing, slow and held signatures, then normal.

@@ -1,0 +1,293 @@
+#include "keyservice/stream_signer.h"
+
+#include <algorithm>
+#include <deque>
+#include <unordered_map>
+
+#include "keyservice/limits.h"
+
+namespace custody::keyservice {
+namespace {
+
+// How often waiting requests are checked against their deadlines.
+constexpr absl::Duration kExpiryTick = absl::Milliseconds(50);
+
+}  // namespace
+
+// Stream is one SignStream call and the requests it carries. All of its state is guarded by the
+// signer's mu_; gRPC operations on it are started under mu_ too, and their completions are
+// handled under mu_ on the poller thread, which orders the two.
+class StreamSigner::Stream {
+ public:
+  enum class Event { kStarted, kRead, kWritten, kFinished };
+  struct Tag {
+    Stream* stream;
+    Event event;
+  };
+  struct Pending {
+    Done done;
+    absl::Time deadline;
+  };
+
+  explicit Stream(std::size_t lane) : lane(lane) {}
+
+  const std::size_t lane;
+  bool on_lane = true;  // New requests may still be added.
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientAsyncReaderWriter<custody::v1::SignStreamRequest,
+                                                custody::v1::SignStreamResponse>>
+      rw;
+  custody::v1::SignStreamResponse in;
+  custody::v1::SignStreamRequest sending;
+  std::deque<custody::v1::SignStreamItem> queued;  // Not yet handed to gRPC.
+  std::unordered_map<uint64_t, Pending> pending;   // Sent or queued, not yet answered.
+  bool started = false;
+  bool writing = false;
+  bool reading = false;
+  bool read_done = false;
+  bool cancelled = false;
+  bool finishing = false;
+  grpc::Status status;
+  Tag started_tag{this, Event::kStarted};
+  Tag read_tag{this, Event::kRead};
+  Tag written_tag{this, Event::kWritten};
+  Tag finished_tag{this, Event::kFinished};
+
+  // WriteLocked hands the queued items (up to 64, skipping any that expired meanwhile) to gRPC
+  // when the stream is up and no write is in progress.
+  void WriteLocked() {
+    if (!started || writing || read_done || cancelled) {
+      return;
+    }
+    sending.Clear();
+    while (!queued.empty() && sending.items_size() < kMaxSignBatch) {
+      if (pending.count(queued.front().id()) != 0) {
+        *sending.add_items() = std::move(queued.front());
+      }
+      queued.pop_front();
+    }
+    if (sending.items_size() == 0) {
+      return;
+    }
+    writing = true;
+    rw->Write(sending, &written_tag);
+  }
+
+  // CancelLocked ends the call; its outstanding operations fail and Finish follows.
+  void CancelLocked() {
+    on_lane = false;
+    if (!cancelled) {
+      cancelled = true;
+      context.TryCancel();
+    }
+  }
+
+  // MaybeFinishLocked asks for the call's status once nothing else is outstanding.
+  void MaybeFinishLocked() {
+    if (finishing || writing || reading || !read_done) {
+      return;
+    }
+    finishing = true;
+    rw->Finish(&status, &finished_tag);
+  }
+};
+
+StreamSigner::StreamSigner(std::shared_ptr<grpc::Channel> channel, int lanes)
+    : stub_(custody::v1::KeyService::NewStub(channel)),
+      lanes_(static_cast<std::size_t>(std::max(1, lanes)), nullptr),
+      poller_([this] { Poll(); }) {}
+
+StreamSigner::~StreamSigner() {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    stopping_ = true;
+    for (Stream* s : streams_) {
+      s->CancelLocked();
+    }
+    std::fill(lanes_.begin(), lanes_.end(), nullptr);
+    all_closed_.wait(lock, [this] { return streams_.empty(); });
+  }
+  cq_.Shutdown();
+  poller_.join();
+}
+
+StreamSigner::Stream* StreamSigner::OpenLocked(std::size_t lane) {
+  auto* s = new Stream(lane);
+  s->context.set_wait_for_ready(false);
+  s->rw = stub_->PrepareAsyncSignStream(&s->context, &cq_);
+  s->rw->StartCall(&s->started_tag);
+  lanes_[lane] = s;
+  streams_.push_back(s);
+  return s;
+}
+
+void StreamSigner::SignMany(std::vector<Request> requests) {
+  std::vector<Answer> answers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const absl::Time now = absl::Now();
+    Stream* s = nullptr;
+    for (Request& r : requests) {
+      if (stopping_) {
+        answers.push_back({std::move(r.done), grpc::Status(grpc::StatusCode::CANCELLED,
+                                                           "the key client is shutting down"),
+                           {}});
+        continue;
+      }
+      const absl::Duration left = r.deadline - now;
+      if (left <= absl::ZeroDuration()) {
+        answers.push_back({std::move(r.done),
+                           grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                        "signing deadline passed before sending"),
+                           {}});
+        continue;
+      }
+      if (s == nullptr) {
+        const std::size_t lane = next_lane_++ % lanes_.size();
+        s = lanes_[lane] != nullptr ? lanes_[lane] : OpenLocked(lane);
+      }
+      const uint64_t id = next_id_++;
+      custody::v1::SignStreamItem item;
+      item.set_id(id);
+      *item.mutable_request() = std::move(r.request);
+      item.set_timeout_ms(static_cast<uint32_t>(
+          std::clamp<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
+                              1, UINT32_MAX)));
+      s->queued.push_back(std::move(item));
+      s->pending.emplace(id, Stream::Pending{std::move(r.done), r.deadline});
+    }
+    if (s != nullptr) {
+      s->WriteLocked();
+    }
+  }
+  Deliver(answers);
+}
+
+void StreamSigner::Deliver(std::vector<Answer>& answers) {
+  for (Answer& a : answers) {
+    a.done(a.status, a.response);
+  }
+  answers.clear();
+}
+
+void StreamSigner::ExpireLocked(absl::Time now, std::vector<Answer>& answers) {
+  for (Stream* s : streams_) {
+    bool expired = false;
+    for (auto it = s->pending.begin(); it != s->pending.end();) {
+      if (it->second.deadline > now) {
+        ++it;
+        continue;
+      }
+      answers.push_back({std::move(it->second.done),
+                         grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                      "the key service did not answer in time"),
+                         {}});
+      it = s->pending.erase(it);
+      expired = true;
+    }
+    if (expired && !s->cancelled) {
+      // A stream that lets a request expire may be stuck (a replica that hangs): replace it.
+      if (lanes_[s->lane] == s) {
+        lanes_[s->lane] = nullptr;
+      }
+      s->CancelLocked();
+    }
+  }
+}
+
+void StreamSigner::Poll() {
+  std::vector<Answer> answers;
+  absl::Time next_expiry = absl::Now() + kExpiryTick;
+  for (;;) {
+    void* raw = nullptr;
+    bool ok = false;
+    const auto got = cq_.AsyncNext(&raw, &ok, absl::ToChronoTime(next_expiry));
+    if (got == grpc::CompletionQueue::SHUTDOWN) {
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    const absl::Time now = absl::Now();
+    if (now >= next_expiry) {
+      ExpireLocked(now, answers);
+      next_expiry = now + kExpiryTick;
+    }
+    if (got == grpc::CompletionQueue::GOT_EVENT) {
+      auto* tag = static_cast<Stream::Tag*>(raw);
+      Stream* s = tag->stream;
+      switch (tag->event) {
+        case Stream::Event::kStarted:
+          if (!ok) {
+            s->read_done = true;  // The call never started: only its status remains.
+            s->on_lane = false;
+          } else {
+            s->started = true;
+            s->reading = true;
+            s->rw->Read(&s->in, &s->read_tag);
+            s->WriteLocked();
+          }
+          break;
+        case Stream::Event::kRead:
+          s->reading = false;
+          if (!ok) {
+            s->read_done = true;
+            s->on_lane = false;
+            break;
+          }
+          for (custody::v1::SignStreamResult& result : *s->in.mutable_results()) {
+            auto it = s->pending.find(result.id());
+            if (it == s->pending.end()) {
+              continue;  // Answered already (expired).
+            }
+            custody::v1::SignOutcome& o = *result.mutable_outcome();
+            answers.push_back(
+                {std::move(it->second.done),
+                 o.code() == 0 ? grpc::Status::OK
+                               : grpc::Status(static_cast<grpc::StatusCode>(o.code()), o.message()),
+                 std::move(*o.mutable_response())});
+            s->pending.erase(it);
+          }
+          s->in.Clear();
+          s->reading = true;
+          s->rw->Read(&s->in, &s->read_tag);
+          break;
+        case Stream::Event::kWritten:
+          s->writing = false;
+          if (!ok) {
+            s->CancelLocked();  // The call is over; the read in progress fails next.
+          } else {
+            s->WriteLocked();
+          }
+          break;
+        case Stream::Event::kFinished: {
+          const grpc::Status st =
+              s->status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                            "the key service ended the signing stream")
+                             : s->status;
+          for (auto& [id, p] : s->pending) {
+            answers.push_back({std::move(p.done), st, {}});
+          }
+          if (lanes_[s->lane] == s) {
+            lanes_[s->lane] = nullptr;
+          }
+          streams_.erase(std::find(streams_.begin(), streams_.end(), s));
+          delete s;
+          s = nullptr;
+          if (streams_.empty()) {
+            all_closed_.notify_all();
+          }
+          break;
+        }
+      }
+      if (s != nullptr) {
+        if (!s->on_lane && lanes_[s->lane] == s) {
+          lanes_[s->lane] = nullptr;
+        }
+        s->MaybeFinishLocked();
+      }
+    }
+    lock.unlock();
+    Deliver(answers);
+  }
+}
+
+}  // namespace custody::keyservice
