@@ -398,9 +398,9 @@ void KeyServiceImpl::SignEach(int n, const std::function<void(int)>& sign_one) {
 grpc::Status KeyServiceImpl::SignStreamItem(const Caller& caller, absl::Time received,
                                             const custody::v1::SignStreamItem& item,
                                             custody::v1::SignOutcome* outcome) {
-  const absl::Time deadline =
-      item.timeout_ms() == 0 ? absl::InfiniteFuture()
-                             : received + absl::Milliseconds(item.timeout_ms());
+  const absl::Time deadline = item.timeout_ms() == 0
+                                  ? absl::InfiniteFuture()
+                                  : received + absl::Milliseconds(item.timeout_ms());
   const grpc::Status st = SignFor(caller, deadline, &item.request(), outcome->mutable_response());
   SetOutcomeStatus(st, outcome);
   return st;

@@ -81,15 +81,18 @@ class BatchHelpers {
 // Sign, SignBatch and SignStream are served asynchronously (by SignWorkers, which call the
 // Handle and Sign methods below on their own threads, so a signature never waits for a thread
 // hop unless it is worth signing several at once); GetKey and ListKeys by gRPC's sync pool.
-class KeyServiceImpl final
-    : public custody::v1::KeyService::WithAsyncMethod_Sign<
-          custody::v1::KeyService::WithAsyncMethod_SignBatch<
-              custody::v1::KeyService::WithAsyncMethod_SignStream<
-                  custody::v1::KeyService::Service>>> {
+class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sign<
+                                 custody::v1::KeyService::WithAsyncMethod_SignBatch<
+                                     custody::v1::KeyService::WithAsyncMethod_SignStream<
+                                         custody::v1::KeyService::Service>>> {
  public:
   KeyServiceImpl(hsm::KeyBackend& backend, const Policy& policy, AuditLog& audit,
                  KeydMetrics& metrics, ServiceLimits limits)
-      : backend_(backend), policy_(policy), audit_(audit), metrics_(metrics), limits_(limits),
+      : backend_(backend),
+        policy_(policy),
+        audit_(audit),
+        metrics_(metrics),
+        limits_(limits),
         helpers_(limits.batch_parallelism > 1
                      ? std::make_unique<BatchHelpers>(limits.batch_parallelism)
                      : nullptr) {}

@@ -87,13 +87,13 @@ void StartSignBatch(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue)
 
 // StreamCall is one SignStream call. Its queue's thread reads messages; each message goes to
 // one of the service's helper threads, which signs its items (several at once when they would
-// take long in turn: a slow HSM, RSA). Results are written as they come, several per message when they queue up behind a
-// write in progress. At most kMaxStreamPending items are signed or waiting at once: beyond that
-// the call stops reading, and HTTP/2 flow control slows the client down.
+// take long in turn: a slow HSM, RSA). Results are written as they come, several per message
+// when they queue up behind a write in progress. At most kMaxStreamPending items are signed or
+// waiting at once: beyond that the call stops reading, and HTTP/2 flow control slows the client.
 //
 // Life: one read, one write and the helpers' work may be outstanding at once; the call finishes
-// once reading has ended (the client half-closed, went away, or broke the protocol) and nothing
-// is outstanding, and it deletes itself when gRPC confirms the finish.
+// once reading has ended (the client half-closed, went away, or broke the protocol, or keyd is
+// draining) and nothing is outstanding, and it deletes itself when gRPC confirms the finish.
 class StreamCall final {
  public:
   static constexpr int kMaxStreamPending = 256;
@@ -169,15 +169,16 @@ class StreamCall final {
     message->Swap(&in_);
     const int n = message->items_size();
     if (n == 0 || n > kMaxSignBatch) {
-      FailLocked(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                              absl::StrCat("a SignStream message holds 1 to ", kMaxSignBatch,
-                                           " items, not ", n)));
+      FailLocked(grpc::Status(
+          grpc::StatusCode::INVALID_ARGUMENT,
+          absl::StrCat("a SignStream message holds 1 to ", kMaxSignBatch, " items, not ", n)));
       return;
     }
     for (const custody::v1::SignStreamItem& item : message->items()) {
       if (!ids_.insert(item.id()).second) {
-        FailLocked(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                absl::StrCat("SignStream item id ", item.id(), " is already pending")));
+        FailLocked(
+            grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                         absl::StrCat("SignStream item id ", item.id(), " is already pending")));
         return;
       }
     }
@@ -286,8 +287,8 @@ class StreamCall final {
 
   std::mutex mu_;  // Guards what follows.
   SignStreamRequest in_;
-  SignStreamResponse queued_;   // Results waiting for the write in progress.
-  SignStreamResponse sending_;  // The write in progress.
+  SignStreamResponse queued_;         // Results waiting for the write in progress.
+  SignStreamResponse sending_;        // The write in progress.
   std::unordered_set<uint64_t> ids_;  // Items read and not yet answered.
   int pending_ = 0;
   bool reading_ = false;

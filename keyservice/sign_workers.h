@@ -1,8 +1,9 @@
-// SignWorkers: the threads of the signing RPCs (Sign, SignBatch, SignStream). Each worker polls its own
-// completion queue and signs inline, so the thread that reads a request off the socket is the one
-// that calls the HSM and writes the answer: no hand-off between threads on the signing path. The
-// number of workers is the number of HSM sessions, which bounds the signatures in flight; further
-// calls wait in gRPC until a worker is free or their deadline passes.
+// SignWorkers: the threads of the signing RPCs (Sign, SignBatch, SignStream). Each worker polls
+// its own completion queue. Unary calls are signed inline, so the thread that reads a request off
+// the socket is the one that calls the HSM and writes the answer: no hand-off between threads.
+// The number of workers is the number of HSM sessions, which bounds the unary signatures in
+// flight; further calls wait in gRPC until a worker is free or their deadline passes. SignStream
+// messages are signed on the service's helper threads (see StreamCall in sign_workers.cc).
 #pragma once
 
 #include <grpcpp/grpcpp.h>

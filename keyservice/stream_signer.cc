@@ -129,9 +129,10 @@ void StreamSigner::SignMany(std::vector<Request> requests) {
     Stream* s = nullptr;
     for (Request& r : requests) {
       if (stopping_) {
-        answers.push_back({std::move(r.done), grpc::Status(grpc::StatusCode::CANCELLED,
-                                                           "the key client is shutting down"),
-                           {}});
+        answers.push_back(
+            {std::move(r.done),
+             grpc::Status(grpc::StatusCode::CANCELLED, "the key client is shutting down"),
+             {}});
         continue;
       }
       const absl::Duration left = r.deadline - now;
@@ -150,9 +151,8 @@ void StreamSigner::SignMany(std::vector<Request> requests) {
       custody::v1::SignStreamItem item;
       item.set_id(id);
       *item.mutable_request() = std::move(r.request);
-      item.set_timeout_ms(static_cast<uint32_t>(
-          std::clamp<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
-                              1, UINT32_MAX)));
+      item.set_timeout_ms(static_cast<uint32_t>(std::clamp<int64_t>(
+          absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))), 1, UINT32_MAX)));
       s->queued.push_back(std::move(item));
       s->pending.emplace(id, Stream::Pending{std::move(r.done), r.deadline});
     }
@@ -259,10 +259,10 @@ void StreamSigner::Poll() {
           }
           break;
         case Stream::Event::kFinished: {
-          const grpc::Status st =
-              s->status.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                            "the key service ended the signing stream")
-                             : s->status;
+          const grpc::Status st = s->status.ok()
+                                      ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                                     "the key service ended the signing stream")
+                                      : s->status;
           for (auto& [id, p] : s->pending) {
             answers.push_back({std::move(p.done), st, {}});
           }

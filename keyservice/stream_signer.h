@@ -74,8 +74,8 @@ class StreamSigner {
 
   std::mutex mu_;  // Guards what follows, and every Stream's state.
   std::condition_variable all_closed_;
-  std::vector<Stream*> lanes_;     // The stream each lane sends on; null until needed.
-  std::vector<Stream*> streams_;   // Every stream gRPC still holds (lanes' and retired ones).
+  std::vector<Stream*> lanes_;    // The stream each lane sends on; null until needed.
+  std::vector<Stream*> streams_;  // Every stream gRPC still holds (lanes' and retired ones).
   std::size_t next_lane_ = 0;
   uint64_t next_id_ = 1;
   bool stopping_ = false;

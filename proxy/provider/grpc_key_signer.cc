@@ -1,5 +1,5 @@
-#include <condition_variable>
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "custody/v1/key_service.grpc.pb.h"
-#include "keyservice/stream_signer.h"
 #include "keyservice/client.h"
+#include "keyservice/stream_signer.h"
 #include "proxy/provider/key_signer.h"
 
 namespace custody::provider {

@@ -45,14 +45,15 @@ class KeySigner {
 
 // SetDeferredSigns(true) makes the SignAsync calls of GrpcKeySigners made on the calling thread
 // wait in a thread-local list until FlushDeferredSigns() on that thread, which hands them to the
-// key service together (one SignBatch for up to 64). An event loop driving ASYNC handshakes
-// turns it on and flushes once per loop turn: the requests of one turn share one RPC, and no
-// other thread has to be woken to start it (the ASYNC job itself must not run gRPC).
+// key service together (one SignStream message for up to 64). An event loop driving ASYNC
+// handshakes turns it on and flushes once per loop turn: the requests of one turn share one
+// message, and no other thread has to be woken to send it (the ASYNC job must not run gRPC).
 void SetDeferredSigns(bool on);
 void FlushDeferredSigns();
 
 // MakeGrpcKeySigner signs over `channel` (mutual TLS to custody-keyd, see keyservice/client.h):
-// blocking calls are unary; asynchronous ones are batched, each bounded by `sign_timeout`.
+// blocking calls are unary; asynchronous ones travel on SignStream calls, each bounded by
+// `sign_timeout`.
 [[nodiscard]] std::shared_ptr<KeySigner> MakeGrpcKeySigner(std::shared_ptr<grpc::Channel> channel,
                                                            absl::Duration sign_timeout);
 
