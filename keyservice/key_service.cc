@@ -2,7 +2,7 @@
 
 #include <openssl/evp.h>
 #include <sched.h>
-#include <time.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -37,11 +37,18 @@ double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - st
 
 int64_t Micros(absl::Time start) { return absl::ToInt64Microseconds(absl::Now() - start); }
 
-// ThreadCpuMicros is the CPU time the calling thread has used.
-int64_t ThreadCpuMicros() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+// ThreadUsage is the CPU time the calling thread has used and the times it gave up the CPU to
+// wait (voluntary context switches; being preempted is not waiting).
+struct ThreadUsage {
+  int64_t cpu_us = 0;
+  int64_t waits = 0;
+};
+ThreadUsage ThreadUsageNow() {
+  rusage ru{};
+  getrusage(RUSAGE_THREAD, &ru);
+  return {static_cast<int64_t>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 +
+              ru.ru_utime.tv_usec + ru.ru_stime.tv_usec,
+          ru.ru_nvcsw};
 }
 
 custody::v1::KeyType ToProto(hsm::KeyType type) {
@@ -211,10 +218,10 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
                      request->version(),
                      scheme ? scheme->name : ""};
 
-  const int64_t cpu_start = ThreadCpuMicros();
+  const ThreadUsage before = ThreadUsageNow();
   absl::StatusOr<hsm::SignResult> result =
       CheckAndSign(caller, *request, scheme, std::min(start + limits_.sign_timeout, call_deadline));
-  const int64_t cpu_us = ThreadCpuMicros() - cpu_start;
+  const ThreadUsage after = ThreadUsageNow();
 
   const absl::Status status = result.status();
   record.outcome = CodeName(status.code());
@@ -229,7 +236,12 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
     // off this thread's CPU (waiting for the HSM), for SlowToSign.
     const int64_t avg = sign_avg_us_.load(std::memory_order_relaxed);
     sign_avg_us_.store(avg + (record.latency_us - avg) / 8, std::memory_order_relaxed);
-    const int64_t wait_us = std::max<int64_t>(0, record.latency_us - cpu_us);
+    // Time off the CPU counts as waiting only if the thread blocked; time spent preempted by
+    // other threads on a busy CPU is not something more threads would overlap.
+    const int64_t wait_us =
+        after.waits > before.waits
+            ? std::max<int64_t>(0, record.latency_us - (after.cpu_us - before.cpu_us))
+            : 0;
     const int64_t wait_avg = sign_wait_avg_us_.load(std::memory_order_relaxed);
     sign_wait_avg_us_.store(wait_avg + (wait_us - wait_avg) / 8, std::memory_order_relaxed);
   }

@@ -1,5 +1,6 @@
 #include "keyservice/sign_workers.h"
 
+#include <deque>
 #include <mutex>
 #include <unordered_set>
 #include <vector>
@@ -85,13 +86,14 @@ void StartSignBatch(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue)
       service, queue, &KeyServiceImpl::HandleSignBatch, &KeyServiceImpl::RequestSignBatch);
 }
 
-// StreamCall is one SignStream call. Its queue's thread reads messages; each message goes to
-// one of the service's helper threads, which signs its items (several at once when they would
-// take long in turn: a slow HSM, RSA). Results are written as they come, several per message
-// when they queue up behind a write in progress. At most kMaxStreamPending items are signed or
-// waiting at once: beyond that the call stops reading, and HTTP/2 flow control slows the client.
+// StreamCall is one SignStream call. Its queue's thread reads messages into a backlog; one
+// signing task per call, on the service's helper threads, takes the backlog's items together
+// and signs them (several at once when they would take long in turn: a slow or remote HSM).
+// Results are written as they come, several per write when they queue up behind a write in
+// progress. At most kMaxStreamPending items are signed or waiting at once: beyond that the call
+// stops reading, and HTTP/2 flow control slows the client.
 //
-// Life: one read, one write and the helpers' work may be outstanding at once; the call finishes
+// Life: one read, one write and the signing task may be outstanding at once; the call finishes
 // once reading has ended (the client half-closed, went away, or broke the protocol, or keyd is
 // draining) and nothing is outstanding, and it deletes itself when gRPC confirms the finish.
 class StreamCall final {
@@ -165,7 +167,7 @@ class StreamCall final {
       MaybeFinishLocked();
       return;
     }
-    auto message = std::make_shared<SignStreamRequest>();
+    auto message = std::make_unique<SignStreamRequest>();
     message->Swap(&in_);
     const int n = message->items_size();
     if (n == 0 || n > kMaxSignBatch) {
@@ -183,32 +185,59 @@ class StreamCall final {
       }
     }
     pending_ += n;
+    for (custody::v1::SignStreamItem& item : *message->mutable_items()) {
+      backlog_.push_back({std::move(item), received});
+    }
     if (pending_ < kMaxStreamPending) {
       ReadLocked();
     }
+    if (signing_) {
+      return;  // The call's signing task takes these items next.
+    }
+    signing_ = true;
     lock.unlock();
-    // A helper thread signs the message, never this one: a signature that hangs in the HSM must
-    // not hold up the other calls served by this queue (nor a new stream matched to it).
-    service_.Post([this, message, received] { SignMessage(*message, received); });
+    // A helper thread signs, never this one: a signature that hangs in the HSM must not hold up
+    // the other calls served by this queue (nor a new stream matched to it).
+    service_.Post([this] { SignBacklog(); });
   }
 
-  // SignMessage signs a message's items (in parallel when worth it) and queues each result.
-  void SignMessage(const SignStreamRequest& message, absl::Time received) {
-    service_.SignEach(message.items_size(), [&](int i) {
-      custody::v1::SignStreamResult result;
-      result.set_id(message.items(i).id());
-      service_.SignStreamItem(caller_, received, message.items(i), result.mutable_outcome());
-      std::lock_guard<std::mutex> lock(mu_);
-      ids_.erase(result.id());
-      if (!broken_) {
-        *queued_.add_results() = std::move(result);
+  // SignBacklog is the call's one signing task: it takes every item read so far (up to 64 at a
+  // time) and signs them (several at once when that pays, see KeyServiceImpl::SignEach), until
+  // none is left. One task per call keeps CPU-bound signing (SoftHSM) from running many
+  // signatures of one client at once on a CPU that can only do one, and items that arrive while
+  // it signs are taken together next.
+  void SignBacklog() {
+    for (;;) {
+      std::vector<Backlogged> batch;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        while (!backlog_.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
+          batch.push_back(std::move(backlog_.front()));
+          backlog_.pop_front();
+        }
+        if (batch.empty()) {
+          signing_ = false;
+          MaybeFinishLocked();
+          return;
+        }
       }
-      --pending_;
-      if (!reading_ && !read_done_ && pending_ < kMaxStreamPending) {
-        ReadLocked();
-      }
-      WriteLocked();
-    });
+      service_.SignEach(static_cast<int>(batch.size()), [&](int i) {
+        custody::v1::SignStreamResult result;
+        result.set_id(batch[i].item.id());
+        service_.SignStreamItem(caller_, batch[i].received, batch[i].item,
+                                result.mutable_outcome());
+        std::lock_guard<std::mutex> lock(mu_);
+        ids_.erase(result.id());
+        if (!broken_) {
+          *queued_.add_results() = std::move(result);
+        }
+        --pending_;
+        if (!reading_ && !read_done_ && pending_ < kMaxStreamPending) {
+          ReadLocked();
+        }
+        WriteLocked();
+      });
+    }
   }
 
   // WriteLocked starts a write of the queued results when none is in progress.
@@ -246,7 +275,7 @@ class StreamCall final {
   }
 
   void MaybeFinishLocked() {
-    if (pending_ > 0 || writing_ || finishing_ || queued_.results_size() > 0) {
+    if (pending_ > 0 || signing_ || writing_ || finishing_ || queued_.results_size() > 0) {
       return;
     }
     if (draining_ && !cancelled_) {
@@ -290,7 +319,13 @@ class StreamCall final {
   SignStreamResponse queued_;         // Results waiting for the write in progress.
   SignStreamResponse sending_;        // The write in progress.
   std::unordered_set<uint64_t> ids_;  // Items read and not yet answered.
-  int pending_ = 0;
+  struct Backlogged {
+    custody::v1::SignStreamItem item;
+    absl::Time received;
+  };
+  std::deque<Backlogged> backlog_;  // Read, not yet taken by the signing task.
+  bool signing_ = false;            // The signing task is posted or running.
+  int pending_ = 0;                 // Read and not yet answered (backlog included).
   bool reading_ = false;
   bool read_done_ = false;
   bool writing_ = false;

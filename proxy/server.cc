@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 
@@ -25,6 +26,9 @@
 
 namespace custody::proxy {
 namespace {
+
+// kChainFetchTimeout bounds reading a certificate chain from the key service (at least).
+constexpr absl::Duration kChainFetchTimeout = absl::Seconds(10);
 
 using custody::v1::ProxyConfig;
 
@@ -78,11 +82,10 @@ absl::StatusOr<UniqueFd> Listen(const std::string& addr) {
   }
   UniqueFd fd(::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   const int one = 1;
-  const bool ok = fd.valid() &&
-                  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
-                  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) == 0 &&
-                  ::bind(fd.get(), res->ai_addr, res->ai_addrlen) == 0 &&
-                  ::listen(fd.get(), SOMAXCONN) == 0;
+  const bool ok =
+      fd.valid() && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
+      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) == 0 &&
+      ::bind(fd.get(), res->ai_addr, res->ai_addrlen) == 0 && ::listen(fd.get(), SOMAXCONN) == 0;
   freeaddrinfo(res);
   if (!ok) {
     return ErrnoStatus(absl::StrCat("cannot listen on ", addr));
@@ -139,8 +142,8 @@ class ProxyServer {
         }
         fds.push_back(*std::move(fd));
       }
-      auto worker = std::make_unique<Worker>(static_cast<int>(w), std::move(fds), state_,
-                                             &metrics_);
+      auto worker =
+          std::make_unique<Worker>(static_cast<int>(w), std::move(fds), state_, &metrics_);
       CUSTODY_RETURN_IF_ERROR(worker->Init());
       workers_.push_back(std::move(worker));
     }
@@ -155,8 +158,7 @@ class ProxyServer {
       spdlog::info("listener '{}' on {}: {} certificate(s), backend {}", l.name(), l.listen(),
                    l.certificates_size(), l.backend().address());
     }
-    spdlog::info("custody-proxy ready: {} worker(s), key service {}", workers,
-                 settings.address);
+    spdlog::info("custody-proxy ready: {} worker(s), key service {}", workers, settings.address);
     return absl::OkStatus();
   }
 
@@ -182,8 +184,8 @@ class ProxyServer {
       const int64_t deadline = draining ? 0 : NowMs() + config_.limits().drain_timeout_ms();
       spdlog::info("{}: {}", strsignal(sig),
                    draining ? "closing every connection now"
-                            : absl::StrCat("draining (at most ", config_.limits().drain_timeout_ms(),
-                                           " ms)"));
+                            : absl::StrCat("draining (at most ",
+                                           config_.limits().drain_timeout_ms(), " ms)"));
       draining = true;
       for (auto& w : workers_) {
         w->Drain(deadline);
@@ -197,11 +199,14 @@ class ProxyServer {
 
  private:
   absl::StatusOr<std::shared_ptr<const ProxyState>> BuildState(const ProxyConfig& config,
-                                                                 uint64_t generation) {
+                                                               uint64_t generation) {
     auto state = std::make_shared<ProxyState>();
     state->limits = config.limits();
     state->generation = generation;
-    const absl::Duration timeout = absl::Milliseconds(config.key_service().sign_timeout_ms());
+    // Chains are read at start and on reload, off the handshake path: the first read also waits
+    // for the connection to keyd, so it gets more than a signature's deadline.
+    const absl::Duration timeout =
+        std::max(kChainFetchTimeout, absl::Milliseconds(config.key_service().sign_timeout_ms()));
     for (const auto& listener : config.listeners()) {
       ListenerRuntime rt;
       rt.name = listener.name();
@@ -215,11 +220,11 @@ class ProxyServer {
       for (const ServedCertificate& cert : rt.tls->certificates()) {
         metrics_.SetCertificateNotAfter(listener.name(), cert.key,
                                         static_cast<double>(cert.not_after));
-        spdlog::info("listener '{}': key {}{} serves {} ({}){}", listener.name(), cert.key,
-                     cert.version != 0 ? absl::StrCat(" v", cert.version) : "", cert.subject,
-                     cert.server_names.empty() ? "no SNI names"
-                                               : absl::StrJoin(cert.server_names, " "),
-                     cert.is_default ? ", default" : "");
+        spdlog::info(
+            "listener '{}': key {}{} serves {} ({}){}", listener.name(), cert.key,
+            cert.version != 0 ? absl::StrCat(" v", cert.version) : "", cert.subject,
+            cert.server_names.empty() ? "no SNI names" : absl::StrJoin(cert.server_names, " "),
+            cert.is_default ? ", default" : "");
       }
       state->listeners.push_back(std::move(rt));
     }
