@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
-#   bench/proxy.sh [--seconds N] [--rounds R] [--build DIR]
+#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
 # plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
 # worker pinned to CPU 0 (the load generator and the backend run on CPU 1):
-#   custody-proxy   keys in the token, signatures by custody-keyd (also on CPU 0)
+#   custody-proxy   keys in the token, signatures by custody-keyd (also on CPU 0), reached over
+#                   keyd's Unix socket (default: the two share the host) or mutual TLS on TCP
 #   nginx-file      nginx 1.22 stream proxy (TLS offload, the same relay job), the same kind of
 #                   certificate from the same CA, its key in a local file
 #   nginx-engine    the same nginx, the certificate's key in the same token through libp11's
@@ -29,12 +30,15 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$ROOT/build
 SECS=5
 ROUNDS=3
+TRANSPORT=unix
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
+    --keyd-transport) TRANSPORT=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--build DIR]" >&2; exit 2 ;;
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--build DIR]" >&2
+       exit 2 ;;
   esac
 done
 BIN=$BUILD/bin
@@ -122,6 +126,17 @@ start backend "$CLIENT_CPU" "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEN
 start keyd "$SERVER_CPU" "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
 for _ in $(seq 1 200); do "$BIN/custodyctl" --identity proxy health >/dev/null 2>&1 && break; sleep 0.05; done
 { echo "workers: 1"; cat "$CUSTODY_PROXY_CONFIG"; } >"$TMP/proxy.yaml"
+if [ "$TRANSPORT" = unix ]; then
+  # keyd on the same host: its Unix socket (callers known by uid), no TLS between the two.
+  [ -n "${CUSTODY_KEYD_SOCKET:-}" ] || { echo "bench/proxy.sh: the lab has no keyd socket" >&2; exit 1; }
+  python3 - "$TMP/proxy.yaml" "$CUSTODY_KEYD_SOCKET" <<'PY2'
+import re, sys
+text = open(sys.argv[1]).read()
+text = re.sub(r'  addresses: \[.*\]', '  addresses: ["%s"]' % sys.argv[2], text)
+text = re.sub(r'  (ca_file|cert_file|key_file): .*\n', '', text)
+open(sys.argv[1], "w").write(text)
+PY2
+fi
 start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
 wait_port "$CUSTODY_BACKEND_ADDR"
 wait_port "$CUSTODY_PROXY_ADDR"
@@ -204,7 +219,7 @@ start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
   wait_port "127.0.0.1:$2"
 }
 
-echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1)"
+echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT"
 echo
 echo "## 1. TLS 1.3 full handshakes, 16 clients: server CPU per handshake (us), $ROUNDS rounds"
 printf '%-5s %-8s %-14s %9s %8s %10s %10s %10s\n' round key server handshakes rate/s "proxy us" "keyd us" "total us"

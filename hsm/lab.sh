@@ -570,6 +570,16 @@ done
 
 # ---------------------------------------------------------------- keyd.yaml
 step "writing keyd.yaml"
+# The same-host way in (gRPC over a Unix socket, callers known by uid): for a proxy next to keyd.
+# Left out when the lab folder is too deep for a socket path (107 bytes at most).
+KEYD_SOCKET=
+UNIX_SOCKET_YAML=
+if [ ${#DIR} -lt 90 ]; then
+  KEYD_SOCKET="$DIR/keyd.sock"
+  UNIX_SOCKET_YAML="unix_socket:
+  path: \"$KEYD_SOCKET\"
+  identity: \"proxy\""
+fi
 cat >"$DIR/keyd.yaml" <<EOF
 # custody-keyd configuration written by hsm/lab.sh
 listen: "127.0.0.1:$KEYD_PORT"
@@ -589,6 +599,7 @@ metrics:
 limits:
   sign_timeout_ms: 2000
   max_message_bytes: 65536
+$UNIX_SOCKET_YAML
 policy:
   # The proxy signs handshakes with the served keys only: never with the CA key (lab-ca).
   - identity: "proxy"
@@ -656,6 +667,9 @@ env_line() { # env_line NAME VALUE COMMENT
   env_line CUSTODY_KEYD_CONFIG "$DIR/keyd.yaml" "custody-keyd configuration"
   env_line CUSTODY_KEYD_ADDR "127.0.0.1:$KEYD_PORT" "key service gRPC address"
   env_line CUSTODY_KEYD_METRICS_ADDR "127.0.0.1:$METRICS_PORT" "key service metrics address"
+  if [ -n "$KEYD_SOCKET" ]; then
+    env_line CUSTODY_KEYD_SOCKET "unix:$KEYD_SOCKET" "key service Unix socket (same-host callers, known by uid)"
+  fi
   env_line CUSTODY_PROXY_CONFIG "$DIR/proxy.yaml" "custody-proxy configuration"
   env_line CUSTODY_PROXY_ADDR "127.0.0.1:$PROXY_PORT" "custody-proxy TLS listener"
   env_line CUSTODY_PROXY_METRICS_ADDR "127.0.0.1:$PROXY_METRICS_PORT" "custody-proxy metrics address"

@@ -38,6 +38,10 @@ struct ChannelTarget {
 [[nodiscard]] absl::StatusOr<ClientSettings> SettingsForIdentity(ClientSettings base,
                                                                  const std::string& identity);
 
+// IsUnixSocketAddress says whether `address` is "unix:" and an absolute path (keyd's Unix
+// socket, see KeydUnixSocketConfig).
+bool IsUnixSocketAddress(const std::string& address);
+
 // MakeChannel opens a mutual-TLS channel to the key service (lazily connected); with several
 // replicas, calls go round robin to those that are up. Channels with
 // different `connection` numbers use different TCP connections (gRPC otherwise shares one

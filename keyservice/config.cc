@@ -1,5 +1,8 @@
 #include "keyservice/config.h"
 
+#include <sys/un.h>
+#include <unistd.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/config_check.h"
@@ -20,7 +23,8 @@ absl::Status ValidateTls(const custody::v1::KeydTlsConfig& tls) {
 absl::Status ValidateHsm(custody::v1::KeydHsmConfig& hsm) {
   CUSTODY_RETURN_IF_ERROR(RequireReadableFile("hsm.module", hsm.module()));
   if (hsm.token_label().empty()) {
-    return ConfigFieldError("hsm.token_label", "required (the label given when the token was initialized)");
+    return ConfigFieldError("hsm.token_label",
+                            "required (the label given when the token was initialized)");
   }
   CUSTODY_RETURN_IF_ERROR(RequireSecretFile("hsm.pin_file", hsm.pin_file()));
   if (hsm.sessions() == 0) {
@@ -28,7 +32,7 @@ absl::Status ValidateHsm(custody::v1::KeydHsmConfig& hsm) {
   }
   if (hsm.sessions() > kMaxSessions) {
     return ConfigFieldError("hsm.sessions",
-                   absl::StrCat(hsm.sessions(), " is over the maximum of ", kMaxSessions));
+                            absl::StrCat(hsm.sessions(), " is over the maximum of ", kMaxSessions));
   }
   return absl::OkStatus();
 }
@@ -42,8 +46,8 @@ absl::Status ValidateLimits(custody::v1::KeydLimits& limits) {
   }
   if (limits.max_message_bytes() > kMaxMessageBytesLimit) {
     return ConfigFieldError("limits.max_message_bytes",
-                   absl::StrCat(limits.max_message_bytes(), " is over the maximum of ",
-                                kMaxMessageBytesLimit));
+                            absl::StrCat(limits.max_message_bytes(), " is over the maximum of ",
+                                         kMaxMessageBytesLimit));
   }
   return absl::OkStatus();
 }
@@ -71,8 +75,8 @@ absl::Status ValidateKeydConfig(custody::v1::KeydConfig& config) {
     const auto slash = path.rfind('/');
     const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
     if (::access(dir.c_str(), W_OK) != 0) {
-      return ConfigFieldError("audit.path",
-                     absl::StrCat("the folder of '", path, "' does not exist or is not writable"));
+      return ConfigFieldError("audit.path", absl::StrCat("the folder of '", path,
+                                                         "' does not exist or is not writable"));
     }
   }
   if (!config.metrics().listen().empty()) {
@@ -80,6 +84,22 @@ absl::Status ValidateKeydConfig(custody::v1::KeydConfig& config) {
                                            !config.metrics().allow_non_loopback()));
   }
   CUSTODY_RETURN_IF_ERROR(ValidateLimits(*config.mutable_limits()));
+  if (config.has_unix_socket()) {
+    const custody::v1::KeydUnixSocketConfig& unix_socket = config.unix_socket();
+    if (unix_socket.path().empty() || unix_socket.path()[0] != '/') {
+      return ConfigFieldError("unix_socket.path",
+                              "required: an absolute path, e.g. /run/custody/keyd.sock");
+    }
+    if (unix_socket.path().size() >= sizeof(sockaddr_un{}.sun_path)) {
+      return ConfigFieldError("unix_socket.path",
+                              absl::StrCat("longer than the ", sizeof(sockaddr_un{}.sun_path) - 1,
+                                           " bytes a socket path may have"));
+    }
+    if (unix_socket.identity().empty()) {
+      return ConfigFieldError("unix_socket.identity",
+                              "required: the policy identity of callers on the socket");
+    }
+  }
   return Policy::Build(config.policy()).status();
 }
 

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/config_check.h"
 #include "common/log.h"
@@ -82,9 +83,27 @@ std::map<std::string, std::vector<hsm::KeyVersionInfo>> Grouped(const hsm::KeyBa
 
 }  // namespace
 
+namespace {
+// Set once before serving (SetUnixSocketCaller), read-only afterwards.
+std::string g_unix_identity;
+std::string g_unix_label;
+}  // namespace
+
+void SetUnixSocketCaller(std::string identity, std::string label) {
+  g_unix_identity = std::move(identity);
+  g_unix_label = std::move(label);
+}
+
 Caller CallerOf(const grpc::ServerContext& context) {
   Caller caller;
   caller.peer = context.peer();
+  if (!g_unix_identity.empty() && absl::StartsWith(caller.peer, "fd:")) {
+    // Only UnixListener hands connections to gRPC by descriptor, after checking the caller's
+    // uid: every call on one is made as the socket's identity.
+    caller.identity = g_unix_identity;
+    caller.peer = absl::StrCat(g_unix_label, " (", caller.peer, ")");
+    return caller;
+  }
   const auto auth = context.auth_context();
   if (auth != nullptr && auth->IsPeerAuthenticated()) {
     const auto cn = auth->FindPropertyValues("x509_common_name");

@@ -35,6 +35,11 @@ struct Caller {
   std::string peer;
 };
 
+// SetUnixSocketCaller makes every call that arrives over keyd's Unix socket (connections handed
+// to gRPC by descriptor, whose peer gRPC names "fd:N") a call by `identity`, its peer shown as
+// `label`. Call once, before serving.
+void SetUnixSocketCaller(std::string identity, std::string label);
+
 // CallerOf reads the caller from a server context. Thread-safe for distinct contexts; one context
 // must not be read from two threads at once (gRPC caches its auth context on first use).
 Caller CallerOf(const grpc::ServerContext& context);

@@ -4,13 +4,15 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "common/signals.h"
+#include "absl/strings/str_join.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "common/signals.h"
 #include "common/status.h"
 #include "hsm/pkcs11_key_backend.h"
 #include "keyservice/audit_log.h"
@@ -18,6 +20,7 @@
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
 #include "keyservice/sign_workers.h"
+#include "keyservice/unix_listener.h"
 
 namespace custody::keyservice {
 namespace {
@@ -73,6 +76,13 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   KeyServiceImpl key_service(signing_backend, policy, *audit, metrics, limits);
   TestingServiceImpl testing_service(*backend, faults, policy, *audit);
 
+  std::unique_ptr<UnixListener> unix_listener;
+  if (config.has_unix_socket()) {
+    CUSTODY_ASSIGN_OR_RETURN(unix_listener, UnixListener::Open(config.unix_socket(), *audit));
+    SetUnixSocketCaller(config.unix_socket().identity(),
+                        absl::StrCat("unix:", config.unix_socket().path()));
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -104,6 +114,14 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   }
   SignWorkers sign_workers(key_service, std::move(sign_queues));
   sign_workers.Start();
+  if (unix_listener != nullptr) {
+    unix_listener->Start(server.get());
+    spdlog::info("unix socket {}: callers are '{}', uids {}", config.unix_socket().path(),
+                 config.unix_socket().identity(),
+                 config.unix_socket().allowed_uids().empty()
+                     ? absl::StrCat(::geteuid(), " (keyd's own)")
+                     : absl::StrJoin(config.unix_socket().allowed_uids(), ","));
+  }
   server->GetHealthCheckService()->SetServingStatus("custody.v1.KeyService", true);
   spdlog::info(
       "custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
@@ -126,6 +144,9 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
     }
     spdlog::info("signal {}: draining (up to {})", sig, absl::FormatDuration(kDrainTimeout));
     break;
+  }
+  if (unix_listener != nullptr) {
+    unix_listener->Stop();
   }
   server->GetHealthCheckService()->Shutdown();
   sign_workers.Drain();

@@ -16,11 +16,8 @@ namespace {
 
 using custody::v1::ProxyConfig;
 
-absl::Status ValidateKeyService(custody::v1::ProxyKeyServiceConfig& ks) {
-  if (ks.addresses().empty()) {
-    return ConfigFieldError("key_service.addresses",
-                            "required: at least one custody-keyd address (host:port)");
-  }
+// ValidateTcpKeyService checks host:port replicas and the mutual-TLS files.
+absl::Status ValidateTcpKeyService(const custody::v1::ProxyKeyServiceConfig& ks) {
   std::string joined;
   for (int i = 0; i < ks.addresses_size(); ++i) {
     const std::string field = absl::StrCat("key_service.addresses[", i, "]");
@@ -35,7 +32,27 @@ absl::Status ValidateKeyService(custody::v1::ProxyKeyServiceConfig& ks) {
   }
   CUSTODY_RETURN_IF_ERROR(RequireReadableFile("key_service.ca_file", ks.ca_file()));
   CUSTODY_RETURN_IF_ERROR(RequireReadableFile("key_service.cert_file", ks.cert_file()));
-  CUSTODY_RETURN_IF_ERROR(RequireSecretFile("key_service.key_file", ks.key_file()));
+  return RequireSecretFile("key_service.key_file", ks.key_file());
+}
+
+absl::Status ValidateKeyService(custody::v1::ProxyKeyServiceConfig& ks) {
+  if (ks.addresses().empty()) {
+    return ConfigFieldError("key_service.addresses",
+                            "required: at least one custody-keyd address (host:port)");
+  }
+  for (int i = 0; i < ks.addresses_size(); ++i) {
+    if (absl::StartsWith(ks.addresses(i), "unix:") && ks.addresses_size() > 1) {
+      return ConfigFieldError(absl::StrCat("key_service.addresses[", i, "]"),
+                              "a Unix socket must be the only address");
+    }
+  }
+  if (!absl::StartsWith(ks.addresses(0), "unix:")) {
+    CUSTODY_RETURN_IF_ERROR(ValidateTcpKeyService(ks));
+  } else if (!keyservice::IsUnixSocketAddress(ks.addresses(0))) {
+    return ConfigFieldError("key_service.addresses[0]",
+                            "a Unix socket address is unix: and an absolute path, e.g. "
+                            "\"unix:/run/custody/keyd.sock\"");
+  }
   if (ks.sign_timeout_ms() == 0) {
     ks.set_sign_timeout_ms(kDefaultSignTimeoutMs);
   }
@@ -58,14 +75,14 @@ absl::Status ValidateCertificates(const std::string& prefix,
     custody::v1::ProxyCertificate& cert = *listener.mutable_certificates(i);
     const std::string field = absl::StrCat(prefix, ".certificates[", i, "]");
     if (!IsValidKeyName(cert.key())) {
-      return ConfigFieldError(
-          absl::StrCat(field, ".key"),
-          cert.key().empty() ? "required: the key-service name of the key (e.g. lab-ec256)"
-                             : "a key name is 1 to 128 characters from A-Z a-z 0-9 . _ -");
+      return ConfigFieldError(absl::StrCat(field, ".key"),
+                              cert.key().empty()
+                                  ? "required: the key-service name of the key (e.g. lab-ec256)"
+                                  : "a key name is 1 to 128 characters from A-Z a-z 0-9 . _ -");
     }
     if (!cert.chain_file().empty()) {
-      CUSTODY_RETURN_IF_ERROR(RequireReadableFile(absl::StrCat(field, ".chain_file"),
-                                                  cert.chain_file()));
+      CUSTODY_RETURN_IF_ERROR(
+          RequireReadableFile(absl::StrCat(field, ".chain_file"), cert.chain_file()));
     }
     for (int j = 0; j < cert.server_names_size(); ++j) {
       const std::string name_field = absl::StrCat(field, ".server_names[", j, "]");
@@ -134,7 +151,8 @@ absl::Status ValidateListeners(ProxyConfig& config) {
                               absl::StrCat("'", listener.listen(), "' is used by two listeners"));
     }
     CUSTODY_RETURN_IF_ERROR(ValidateCertificates(prefix, listener));
-    CUSTODY_RETURN_IF_ERROR(CheckTlsSettings(absl::StrCat(prefix, ".tls"), *listener.mutable_tls()));
+    CUSTODY_RETURN_IF_ERROR(
+        CheckTlsSettings(absl::StrCat(prefix, ".tls"), *listener.mutable_tls()));
     CUSTODY_RETURN_IF_ERROR(ValidateBackend(prefix, *listener.mutable_backend()));
   }
   return absl::OkStatus();
@@ -147,16 +165,16 @@ absl::StatusOr<uint32_t> Bounded(const std::string& field, uint32_t value, uint3
     value = def;
   }
   if (value < lo || value > hi) {
-    return ConfigFieldError(field, absl::StrCat("must be from ", lo, " to ", hi, " ", unit,
-                                                " (default ", def, ")"));
+    return ConfigFieldError(
+        field, absl::StrCat("must be from ", lo, " to ", hi, " ", unit, " (default ", def, ")"));
   }
   return value;
 }
 
-#define CUSTODY_LIMIT(field, def, lo, hi, unit)                                                \
-  do {                                                                                         \
+#define CUSTODY_LIMIT(field, def, lo, hi, unit)                                                    \
+  do {                                                                                             \
     CUSTODY_ASSIGN_OR_RETURN(uint32_t v, Bounded("limits." #field, l.field(), def, lo, hi, unit)); \
-    l.set_##field(v);                                                                          \
+    l.set_##field(v);                                                                              \
   } while (0)
 
 absl::Status ValidateLimits(custody::v1::ProxyLimits& l) {
@@ -213,9 +231,10 @@ absl::StatusOr<std::string> NormalizeServerName(const std::string& name) {
     ok = ok && (absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '-') && ++label <= 63;
   }
   if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", name, "' is not a DNS name (letters, digits, '-', dots; a wildcard only as a "
-                   "leading '*.')"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", name,
+                     "' is not a DNS name (letters, digits, '-', dots; a wildcard only as a "
+                     "leading '*.')"));
   }
   return lower;
 }

@@ -15,7 +15,8 @@ for x in s: x.bind(("127.0.0.1", 0))
 print(" ".join(str(x.getsockname()[1]) for x in s))')
 KEYD2_ADDR="127.0.0.1:$PORT2"
 sed -e "s/^listen: .*/listen: \"$KEYD2_ADDR\"/" \
-  -e "s#^  path: .*#  path: \"$E2E_TMP/audit2.log\"#" \
+  -e "s#^  path: .*audit.log\"#  path: \"$E2E_TMP/audit2.log\"#" \
+  -e "s#^  path: .*keyd.sock\"#  path: \"$E2E_TMP/keyd2.sock\"#" \
   -e "s/^  listen: \"127.0.0.1:[0-9]*\"/  listen: \"127.0.0.1:$MPORT2\"/" \
   "$CUSTODY_KEYD_CONFIG" >"$E2E_TMP/keyd2.yaml"
 "$KEYD" --config "$E2E_TMP/keyd2.yaml" >"$E2E_TMP/keyd2.log" 2>&1 </dev/null &

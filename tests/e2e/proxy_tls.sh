@@ -143,4 +143,57 @@ check "metrics: signing latency by key and scheme" bash -c "curl -sf http://$CUS
 check "metrics: certificate expiry per key" bash -c "curl -sf http://$CUSTODY_PROXY_METRICS_ADDR/metrics | grep -q 'custody_proxy_certificate_not_after_seconds{key=\"lab-rsa2048\",listener=\"lab\"}'"
 check "metrics: open connections gauge present" bash -c "curl -sf http://$CUSTODY_PROXY_METRICS_ADDR/metrics | grep -q '^custody_proxy_connections_open{listener=\"lab\"}'"
 
+# ---------------------------------------------------------------- same host: keyd's Unix socket
+# keyd knows the proxy by its uid (SO_PEERCRED): the proxy then needs no TLS files at all.
+if [[ -n "${CUSTODY_KEYD_SOCKET:-}" ]]; then
+  e2e_stop_proxy TERM
+  python3 - "$CUSTODY_PROXY_CONFIG" "$CUSTODY_KEYD_SOCKET" >"$W/proxy-unix.yaml" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+text = re.sub(r'  addresses: \[.*\]', '  addresses: ["%s"]' % sys.argv[2], text)
+text = re.sub(r'  (ca_file|cert_file|key_file): .*\n', '', text)
+text = re.sub(r'  # The proxy.s own identity.*\n', '', text)
+sys.stdout.write(text)
+EOF
+  check "unix: the proxy config names no key file" file_lacks "$W/proxy-unix.yaml" "key_file"
+  check "unix: the proxy config names keyd's socket" grep -q "addresses: \[\"$CUSTODY_KEYD_SOCKET\"\]" \
+    "$W/proxy-unix.yaml"
+  TRACE=()
+  if strace -V >/dev/null 2>&1 && strace -f -qq -e trace=none true 2>/dev/null; then
+    TRACE=(strace -f -qq -e trace=open,openat -o "$W/strace-unix.out")
+  fi
+  "${TRACE[@]}" "$PROXY" --config "$W/proxy-unix.yaml" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
+  UNIX_PID=$!
+  wait_tcp "$CUSTODY_PROXY_ADDR" 20 || fail "proxy over keyd's Unix socket did not listen"
+  PROXY_PID=$UNIX_PID
+  [[ ${#TRACE[@]} -eq 0 ]] || PROXY_PID=$(pgrep -P "$UNIX_PID")
+  for name in ec256 rsa2048; do
+    before=$(audit_count)
+    run_capture curl -sS --cacert "$CUSTODY_CA" --resolve "$name.lab.test:$PORT:127.0.0.1" \
+      "https://$name.lab.test:$PORT/hello-unix"
+    check "unix: curl through the proxy to the backend with lab-$name" grep -q "hello-unix" "$E2E_OUT"
+    check "unix: one audit record, the proxy signing with lab-$name" \
+      test "$(audit_count)" -eq $((before + 1))
+    check "unix: the record names the socket as the caller's address" bash -c \
+      "tail -n 1 '$CUSTODY_AUDIT_LOG' | grep -q '\"caller\":\"proxy\",\"peer\":\"unix:${CUSTODY_KEYD_SOCKET#unix:} (fd:[0-9]*)\".*\"key\":\"lab-$name\".*\"outcome\":\"OK\"'"
+  done
+  e2e_stop_proxy TERM
+  wait "$UNIX_PID" 2>/dev/null || true
+  if [[ ${#TRACE[@]} -gt 0 ]]; then
+    sed -n 's/.*open[at]*(.*"\([^"]*\)".*) = [0-9].*/\1/p' "$W/strace-unix.out" | sort -u >"$W/opened-unix.txt"
+    keys=0
+    while read -r f; do
+      if [[ -f "$f" ]] && grep -qI -e "-----BEGIN.*PRIVATE KEY-----" "$f" 2>/dev/null; then
+        echo "  opened a private key: $f"
+        keys=$((keys + 1))
+      fi
+    done <"$W/opened-unix.txt"
+    check "unix: strace: of $(wc -l <"$W/opened-unix.txt") files opened, none holds a private key" \
+      test "$keys" -eq 0
+  fi
+  e2e_start_proxy
+else
+  pass "this lab has no keyd Unix socket (its folder path is too long): the unix checks are skipped"
+fi
+
 e2e_finish

@@ -6,15 +6,20 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
 #include <mutex>
 #include <optional>
-#include <fstream>
-#include <map>
 #include <random>
 #include <set>
 #include <thread>
@@ -452,7 +457,7 @@ TEST_F(KeydTest, SignBatchAnswersEachRequestAndAuditsEachOnce) {
   };
   EXPECT_EQ(count(resp.outcomes(0).response().request_id()), 1);
   EXPECT_EQ(count(resp.outcomes(2).response().request_id()), 1);
-  EXPECT_EQ(count("\"key\":\"lab-ca\"") , 1);
+  EXPECT_EQ(count("\"key\":\"lab-ca\""), 1);
   EXPECT_EQ(count("PERMISSION_DENIED"), 1);
   EXPECT_EQ(count("NOT_FOUND"), 1);
 
@@ -527,9 +532,8 @@ TEST_F(KeydTest, SignStreamAnswersItemsByIdAndRefusesMalformedMessages) {
                                                 "seven", outcomes[7].response().signature()));
     EXPECT_EQ(outcomes[9].code(), grpc::StatusCode::PERMISSION_DENIED);
     EXPECT_EQ(outcomes[3].code(), 0);
-    EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ed25519"),
-                                                hsm::SignatureScheme::kEd25519, "three",
-                                                outcomes[3].response().signature()));
+    EXPECT_TRUE(testing::VerifyMessageSignature(Spki("lab-ed25519"), hsm::SignatureScheme::kEd25519,
+                                                "three", outcomes[3].response().signature()));
     const std::vector<std::string> lines = AuditLines();
     ASSERT_EQ(lines.size() - before, 3u);
     // The stream stays open for more; a clean half-close ends it OK.
@@ -590,10 +594,9 @@ TEST_F(KeydTest, StreamSignerSignsManyConcurrentRequests) {
                 {MessageRequest("lab-ec384", v1::SIGNATURE_SCHEME_ECDSA_SECP384R1_SHA384, message),
                  absl::Now() + absl::Seconds(60),
                  [&, message](const grpc::Status& st, const v1::SignResponse& resp) {
-                   const bool ok =
-                       st.ok() && testing::VerifyMessageSignature(
-                                      spki, hsm::SignatureScheme::kEcdsaSecp384r1Sha384, message,
-                                      resp.signature());
+                   const bool ok = st.ok() && testing::VerifyMessageSignature(
+                                                  spki, hsm::SignatureScheme::kEcdsaSecp384r1Sha384,
+                                                  message, resp.signature());
                    (ok ? good : bad)++;
                  }});
           }
@@ -628,12 +631,12 @@ TEST_F(KeydTest, StreamSignerAnswersByTheDeadlineAndRecovers) {
   };
   auto sign = [&](absl::Duration timeout, Outcome& out) {
     std::vector<keyservice::StreamSigner::Request> one;
-    one.push_back({request, absl::Now() + timeout,
-                   [&out](const grpc::Status& st, const v1::SignResponse&) {
-                     std::lock_guard<std::mutex> lock(out.mu);
-                     out.status = st;
-                     out.cv.notify_all();
-                   }});
+    one.push_back(
+        {request, absl::Now() + timeout, [&out](const grpc::Status& st, const v1::SignResponse&) {
+           std::lock_guard<std::mutex> lock(out.mu);
+           out.status = st;
+           out.cv.notify_all();
+         }});
     signer.SignMany(std::move(one));
   };
   auto wait = [](Outcome& out) {
@@ -653,6 +656,84 @@ TEST_F(KeydTest, StreamSignerAnswersByTheDeadlineAndRecovers) {
   const grpc::Status st = wait(second);
   EXPECT_TRUE(st.ok()) << st.error_message();
   ASSERT_TRUE(ReleaseHeld(*admin).has_value());
+}
+
+// keyd's Unix socket: a caller with keyd's uid signs as the socket's identity (the policy still
+// applies, and the audit record names the socket); a caller with another uid is refused at
+// connect and audited (checked when the test runs as root and can become another uid).
+TEST_F(KeydTest, UnixSocketCallersAreKnownByUid) {
+  const std::string socket = lab_->Env("CUSTODY_KEYD_SOCKET");
+  ASSERT_FALSE(socket.empty()) << "the lab has no keyd Unix socket";
+  keyservice::ClientSettings settings;
+  settings.address = socket;
+  auto channel = keyservice::MakeChannel(settings);
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  auto stub = KeyService::NewStub(*channel);
+  SignResponse resp;
+  const grpc::Status st = Sign(
+      *stub, MessageRequest("lab-ec256", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "by uid"),
+      &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(testing::VerifyMessageSignature(
+      Spki("lab-ec256"), hsm::SignatureScheme::kEcdsaSecp256r1Sha256, "by uid", resp.signature()));
+  const std::string record = AuditLines().back();
+  EXPECT_NE(record.find("\"caller\":\"proxy\",\"peer\":\"" + socket + " (fd:"), std::string::npos)
+      << record;
+  // The socket's identity is the proxy's: the CA key stays out of reach.
+  EXPECT_EQ(Sign(*stub, MessageRequest("lab-ca", v1::SIGNATURE_SCHEME_ECDSA_SECP256R1_SHA256, "no"),
+                 &resp)
+                .error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  if (::geteuid() != 0) {
+    std::cout << "not root: the refusal of another uid is not exercised here\n";
+    return;
+  }
+  // Let the file system through (socket 0666, its folders searchable), so that only keyd's uid
+  // check stands between the other uid and the service.
+  const std::string path = socket.substr(std::string("unix:").size());
+  std::vector<std::pair<std::string, mode_t>> opened;  // Folders made searchable, old modes.
+  for (std::string dir = path.substr(0, path.rfind('/')); dir.size() > 1;
+       dir = dir.substr(0, std::max<std::size_t>(1, dir.rfind('/')))) {
+    struct stat st {};
+    ASSERT_EQ(::stat(dir.c_str(), &st), 0) << dir;
+    if ((st.st_mode & 0001) == 0) {
+      opened.emplace_back(dir, st.st_mode & 07777);
+      ASSERT_EQ(::chmod(dir.c_str(), (st.st_mode & 07777) | 0001), 0) << dir;
+    }
+  }
+  ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
+  const std::size_t before = AuditLines().size();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    // As nobody: connect, then expect keyd to close the connection without a word.
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) {
+      ::_exit(2);
+    }
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ::_exit(3);
+    }
+    char byte = 0;
+    ::_exit(::read(fd, &byte, 1) == 0 ? 0 : 4);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ::chmod(path.c_str(), 0660);
+  for (const auto& [dir, mode] : opened) {
+    ::chmod(dir.c_str(), mode);
+  }
+  ASSERT_TRUE(WIFEXITED(status));
+  // 0: connected, then closed by keyd without a word (3: could not connect; 4: got bytes).
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  const std::vector<std::string> lines = AuditLines();
+  ASSERT_EQ(lines.size(), before + 1);
+  EXPECT_NE(lines.back().find("\"action\":\"connect\""), std::string::npos) << lines.back();
+  EXPECT_NE(lines.back().find("uid=65534"), std::string::npos) << lines.back();
+  EXPECT_NE(lines.back().find("PERMISSION_DENIED"), std::string::npos) << lines.back();
 }
 
 // The fault injector (test hooks): corrupt, failing, slow and held signatures, then normal.

@@ -1,0 +1,121 @@
+#include "keyservice/unix_listener.h"
+
+#include <errno.h>
+#include <grpcpp/server_posix.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace custody::keyservice {
+namespace {
+
+std::string ErrnoText(int err) { return std::strerror(err); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
+    const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit) {
+  const std::string& path = config.path();
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("unix_socket.path: too long: ", path));
+  }
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("unix_socket.path: ", path, " exists and is not a socket"));
+    }
+    ::unlink(path.c_str());  // A socket left by an earlier keyd.
+  }
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) {
+    return absl::InternalError(absl::StrCat("unix socket: ", ErrnoText(errno)));
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  // Created 0660 from the start (no window in which others could connect).
+  const mode_t old_mask = ::umask(0117);
+  const int bound = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+  const int bind_errno = errno;
+  ::umask(old_mask);
+  if (bound != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("unix_socket.path: cannot bind ", path, ": ", ErrnoText(bind_errno)));
+  }
+  if (::listen(fd.get(), SOMAXCONN) != 0) {
+    return absl::InternalError(absl::StrCat("listen on ", path, ": ", ErrnoText(errno)));
+  }
+  return std::unique_ptr<UnixListener>(new UnixListener(config, audit, std::move(fd)));
+}
+
+UnixListener::UnixListener(const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit,
+                           UniqueFd fd)
+    : path_(config.path()), identity_(config.identity()), audit_(audit), fd_(std::move(fd)) {
+  allowed_uids_.insert(config.allowed_uids().begin(), config.allowed_uids().end());
+  if (allowed_uids_.empty()) {
+    allowed_uids_.insert(static_cast<uint32_t>(::geteuid()));
+  }
+}
+
+UnixListener::~UnixListener() { Stop(); }
+
+void UnixListener::Start(grpc::Server* server) {
+  thread_ = std::thread([this, server] { Accept(server); });
+}
+
+void UnixListener::Stop() {
+  if (stopping_.exchange(true)) {
+    return;
+  }
+  ::shutdown(fd_.get(), SHUT_RDWR);  // Wakes the blocked accept().
+  if (thread_.joinable()) {
+    thread_.join();
+  }
+  ::unlink(path_.c_str());
+}
+
+void UnixListener::Accept(grpc::Server* server) {
+  while (!stopping_.load()) {
+    const int raw = ::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (raw < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) {
+        continue;
+      }
+      if (!stopping_.load()) {
+        spdlog::error("unix socket {}: accept: {}", path_, ErrnoText(errno));
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          ::usleep(100 * 1000);  // Out of descriptors or memory: back off, then try again.
+          continue;
+        }
+      }
+      return;
+    }
+    UniqueFd conn(raw);
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+      spdlog::error("unix socket {}: SO_PEERCRED: {}; connection closed", path_, ErrnoText(errno));
+      continue;
+    }
+    const std::string peer = absl::StrCat("unix:", path_, " pid=", cred.pid, " uid=", cred.uid);
+    if (allowed_uids_.count(cred.uid) == 0) {
+      AuditRecord record{"", peer, "connect"};
+      record.outcome = "PERMISSION_DENIED";
+      record.detail = absl::StrCat("uid ", cred.uid, " is not in unix_socket.allowed_uids");
+      (void)audit_.Append(record);
+      spdlog::warn("unix socket: refused {}: {}", peer, record.detail);
+      continue;
+    }
+    spdlog::info("unix socket: {} connected as '{}'", peer, identity_);
+    grpc::AddInsecureChannelFromFd(server, conn.Release());
+  }
+}
+
+}  // namespace custody::keyservice
