@@ -75,6 +75,9 @@ absl::Status ApplyTlsSettings(const std::string& prefix, const ProxyTlsConfig& t
   // close_notify ends its direction like a TCP FIN does, as a TCP relay must.
   SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_RENEGOTIATION |
                                SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  // Read what the socket holds in one call, not a record header and then its body: the relay
+  // checks SSL_has_pending, so bytes read ahead are never left waiting for an epoll event.
+  SSL_CTX_set_read_ahead(ctx, 1);
   if (SSL_CTX_set_cipher_list(ctx, tls.ciphers().c_str()) != 1) {
     ClearOsslErrors();
     return ConfigFieldError(prefix + ".ciphers",

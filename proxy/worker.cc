@@ -134,6 +134,8 @@ struct Worker::Connection {
   bool client_writable = true;
   bool backend_readable = true;
   bool backend_writable = true;
+  // The backend has closed its side (or failed): a short read no longer proves the socket empty.
+  bool backend_hup = false;
   RelayBuffer to_backend;
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
@@ -366,6 +368,7 @@ void Worker::OnEvent(Watch* watch, uint32_t events) {
   } else if (watch->kind == Watch::Kind::kBackend) {
     c.backend_readable |= failed || (events & EPOLLIN) != 0;
     c.backend_writable |= failed || (events & EPOLLOUT) != 0;
+    c.backend_hup |= failed || (events & EPOLLRDHUP) != 0;
   }
   switch (c.phase) {
     case Connection::Phase::kHandshake:
@@ -408,7 +411,7 @@ bool Worker::Register(int fd, Watch* watch) {
   // Edge-triggered, both directions, once for the socket's life: readiness is tracked in the
   // connection (the *_readable / *_writable flags), so no epoll_ctl is made per transfer.
   epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLOUT | EPOLLET;
+  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
   ev.data.ptr = watch;
   return ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) == 0;
 }
@@ -625,10 +628,17 @@ bool Worker::Pump(Connection& c) {
     }
     // Backend -> buffer.
     if (connected && !c.backend_eof && c.to_client.space() > 0 && c.backend_readable) {
-      const ssize_t n = ::recv(c.backend.get(), c.to_client.tail(), c.to_client.space(), 0);
+      const std::size_t space = c.to_client.space();
+      const ssize_t n = ::recv(c.backend.get(), c.to_client.tail(), space, 0);
       if (n > 0) {
         c.to_client.Produce(static_cast<uint32_t>(n));
         progress = true;
+        // A short read emptied the socket: with edge-triggered epoll, more data (or the
+        // backend's FIN) brings a new event, so the EAGAIN read can be skipped. Unless the FIN
+        // is already in (its event came): then read on, to see the end.
+        if (static_cast<std::size_t>(n) < space && !c.backend_hup) {
+          c.backend_readable = false;
+        }
       } else if (n == 0) {
         c.backend_eof = true;
         progress = true;
