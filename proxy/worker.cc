@@ -738,17 +738,14 @@ void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
   rt.metrics->closed[static_cast<int>(reason)]->Increment();
   c.closed = true;
   rt.metrics->open->Decrement();
-  if (c.client_registered) {
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.client.get(), nullptr);
-    c.client_registered = false;
-  }
-  if (c.backend.valid()) {
-    if (c.backend_registered) {
-      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.backend.get(), nullptr);
-    }
-    c.backend.Reset();
-  }
+  // Closing a descriptor takes it out of epoll (none is duplicated), and Free runs before the
+  // next epoll_wait: no EPOLL_CTL_DEL is needed, except for a client socket that stays open.
+  c.backend.Reset();
   if (c.paused) {
+    if (c.client_registered) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.client.get(), nullptr);
+      c.client_registered = false;
+    }
     // Never free a connection whose handshake job is paused (it would leak the job and the
     // answer would arrive for freed memory): end the TCP connection now, keep the descriptor
     // (the job's BIO refers to it) and free everything once the job has finished.
@@ -766,10 +763,7 @@ void Worker::Free(Connection& c) {
   if (c.phase == Connection::Phase::kHandshake) {
     --handshakes_;
   }
-  for (int fd : c.async_fds) {
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
-  }
-  c.ssl.reset();
+  c.ssl.reset();  // Closes the wait fd (the provider's cleanup), which leaves epoll with it.
   c.client.Reset();
   // Swap-remove from the connection table.
   const size_t i = c.index;
