@@ -34,14 +34,20 @@ handshake() {
     -key "custody:key=$key" -cert "$CUSTODY_LAB_DIR/certs/$key.crt" -naccept 1 -www \
     >"$W/server.out" 2>&1 </dev/null &
   local server=$!
-  for ((i = 0; i < 100; i++)); do
-    grep -q '^ACCEPT' "$W/server.out" 2>/dev/null && break
+  # Until s_server listens (or is gone): its own timeout bounds the wait, not a guess of ours.
+  until grep -q '^ACCEPT' "$W/server.out" 2>/dev/null; do
     kill -0 "$server" 2>/dev/null || break
     sleep 0.05
   done
   echo | timeout 10 openssl s_client -connect "127.0.0.1:$port" -CAfile "$CUSTODY_CA" \
     -servername localhost "$@" >"$W/client.out" 2>&1 || true
   wait "$server" 2>/dev/null || true
+  if ! grep -q "Verify return code: 0 (ok)" "$W/client.out"; then
+    echo "--- s_server said:"
+    sed 's/^/  | /' "$W/server.out" | tail -n 15
+    echo "--- s_client said:"
+    sed 's/^/  | /' "$W/client.out" | tail -n 15
+  fi
 }
 
 audit_count() { wc -l <"$CUSTODY_AUDIT_LOG"; }
