@@ -56,7 +56,7 @@ std::string ErrnoText(int err) { return std::strerror(err); }
 
 // Watch tags an epoll registration with what it is for.
 struct Worker::Watch {
-  enum class Kind : uint8_t { kListener, kControl, kClient, kBackend, kAsync };
+  enum class Kind : uint8_t { kListener, kControl, kReady, kClient, kBackend, kAsync };
   Kind kind;
   Connection* conn = nullptr;
   size_t listener = 0;
@@ -98,6 +98,11 @@ struct Worker::Connection {
   enum class Phase { kHandshake, kConnecting, kRelay };
 
   uint64_t id = 0;
+  // The async callback's argument (see AsyncReady): enough to find the connection again.
+  struct Notify {
+    Worker* worker = nullptr;
+    uint64_t id = 0;
+  } notify;
   size_t index = 0;  // In Worker::connections_.
   size_t listener = 0;
   std::shared_ptr<const ProxyState> state;  // Keeps the listener's TLS contexts alive.
@@ -122,10 +127,10 @@ struct Worker::Connection {
   bool closed = false;     // Waiting to be freed at the end of the loop turn.
   bool queued_pump = false;
 
-  bool client_eof = false;        // No more bytes will come from the client.
-  bool backend_eof = false;       // No more bytes will come from the backend.
-  bool backend_shut_wr = false;   // The client's EOF was passed on (shutdown(SHUT_WR)).
-  bool close_notify_sent = false; // The backend's EOF was passed on (close_notify).
+  bool client_eof = false;         // No more bytes will come from the client.
+  bool backend_eof = false;        // No more bytes will come from the backend.
+  bool backend_shut_wr = false;    // The client's EOF was passed on (shutdown(SHUT_WR)).
+  bool close_notify_sent = false;  // The backend's EOF was passed on (close_notify).
   uint32_t ssl_read_want = EPOLLIN;
   uint32_t ssl_write_want = EPOLLOUT;
   // Readiness as last seen: set by epoll events, cleared when a call would block. A call is
@@ -142,9 +147,19 @@ struct Worker::Connection {
   uint64_t bytes_to_client = 0;
 };
 
+// AsyncReady is OpenSSL's async callback (SSL_set_async_callback): the provider calls it, on the
+// key client's thread, once a paused handshake's signature is in.
+static int AsyncReady(SSL* /*ssl*/, void* arg) {
+  auto* notify = static_cast<Worker::Connection::Notify*>(arg);
+  notify->worker->NotifyReady(notify->id);
+  return 1;
+}
+
 Worker::Worker(int index, std::vector<UniqueFd> listen_fds, std::shared_ptr<const ProxyState> state,
                ProxyMetrics* metrics)
-    : index_(index), listen_fds_(std::move(listen_fds)), state_(std::move(state)),
+    : index_(index),
+      listen_fds_(std::move(listen_fds)),
+      state_(std::move(state)),
       metrics_(metrics) {}
 
 Worker::~Worker() {
@@ -165,6 +180,12 @@ absl::Status Worker::Init() {
   ev.data.ptr = control_watch_.get();
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, control_.get(), &ev) != 0) {
     return absl::InternalError(absl::StrCat("epoll_ctl: ", ErrnoText(errno)));
+  }
+  ready_.Reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  ready_watch_ = std::make_unique<Watch>(Watch{Watch::Kind::kReady});
+  ev.data.ptr = ready_watch_.get();
+  if (!ready_.valid() || ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ready_.get(), &ev) != 0) {
+    return absl::InternalError(absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
   }
   for (size_t i = 0; i < listen_fds_.size(); ++i) {
     listen_watches_.push_back(std::make_unique<Watch>(Watch{Watch::Kind::kListener, nullptr, i}));
@@ -268,6 +289,9 @@ void Worker::Run() {
         case Watch::Kind::kControl:
           OnControl();
           break;
+        case Watch::Kind::kReady:
+          OnReady();
+          break;
         case Watch::Kind::kListener:
           OnAccept(watch->listener);
           break;
@@ -346,16 +370,58 @@ void Worker::OnAccept(size_t listener) {
       continue;  // `c` closes the socket.
     }
     c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
+    // Signatures answered wake this worker's one eventfd (no eventfd per connection).
+    c->notify = {this, c->id};
+    SSL_set_async_callback(c->ssl.get(), &AsyncReady);
+    SSL_set_async_callback_arg(c->ssl.get(), &c->notify);
     c->accepted_ms = c->last_active_ms = NowMs();
     c->deadline_ms = c->accepted_ms + state_->limits.handshake_timeout_ms();
     c->index = connections_.size();
     Connection& ref = *c;
     ref.client_registered = Register(fd, &ref.client_watch);
+    by_id_.emplace(c->id, c.get());
     connections_.push_back(std::move(c));
     ++handshakes_;
     rt.metrics->open->Increment();
     spdlog::debug("[C{}] {}: accepted", ref.id, rt.name);
     Handshake(ref);
+  }
+}
+
+void Worker::NotifyReady(uint64_t id) {
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(ready_mu_);
+    ready_ids_.push_back(id);
+    wake = !ready_signaled_;
+    ready_signaled_ = true;
+  }
+  if (wake) {
+    const uint64_t one = 1;
+    (void)!::write(ready_.get(), &one, sizeof(one));
+  }
+}
+
+void Worker::OnReady() {
+  uint64_t n = 0;
+  (void)!::read(ready_.get(), &n, sizeof(n));
+  std::vector<uint64_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(ready_mu_);
+    ids.swap(ready_ids_);
+    ready_signaled_ = false;
+  }
+  for (uint64_t id : ids) {
+    auto it = by_id_.find(id);
+    if (it == by_id_.end()) {
+      continue;  // Gone already.
+    }
+    Connection& c = *it->second;
+    if (c.abandoned) {
+      Handshake(c);  // The job can finish now; the connection is freed then.
+    } else if (!c.closed) {
+      OnEvent(&c.async_watch, EPOLLIN);
+    }
   }
 }
 
@@ -470,11 +536,11 @@ void Worker::Handshake(Connection& c) {
         unsigned int alpn_len = 0;
         SSL_get0_alpn_selected(c.ssl.get(), &alpn, &alpn_len);
         spdlog::debug("[C{}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id, rt.name,
-                     SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
-                     sni != nullptr ? sni : "-",
-                     alpn_len > 0 ? std::string(reinterpret_cast<const char*>(alpn), alpn_len)
-                                  : std::string("-"),
-                     SSL_session_reused(c.ssl.get()) == 1);
+                      SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
+                      sni != nullptr ? sni : "-",
+                      alpn_len > 0 ? std::string(reinterpret_cast<const char*>(alpn), alpn_len)
+                                   : std::string("-"),
+                      SSL_session_reused(c.ssl.get()) == 1);
       }
       StartBackend(c);
       return;
@@ -489,10 +555,9 @@ void Worker::Handshake(Connection& c) {
       return;
     case SSL_ERROR_WANT_ASYNC:
       // Waiting for the signature: the client socket is not touched meanwhile (a paused job
-      // must be resumed before anything else happens on this connection).
-      if (c.async_fds.empty()) {
-        FailHandshake(c, HandshakeOutcome::kFailed, "paused without a wait fd");
-      }
+      // must be resumed before anything else happens on this connection). The custody provider
+      // calls back (AsyncReady); a wait fd, if one was set instead, is watched too. The
+      // handshake timeout bounds the wait either way.
       return;
     case SSL_ERROR_ZERO_RETURN:
     case SSL_ERROR_SYSCALL:
@@ -511,7 +576,7 @@ void Worker::Handshake(Connection& c) {
 void Worker::FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why) {
   c.runtime->metrics->handshakes[static_cast<int>(outcome)]->Increment();
   spdlog::info("[C{}] {}: handshake {}: {}", c.id, c.runtime->name,
-              outcome == HandshakeOutcome::kTimeout ? "timed out" : "failed", why);
+               outcome == HandshakeOutcome::kTimeout ? "timed out" : "failed", why);
   Close(c, CloseReason::kClientError, "");
 }
 
@@ -545,7 +610,7 @@ void Worker::StartBackend(Connection& c) {
   }
   c.backend_registered = Register(c.backend.get(), &c.backend_watch);
   c.backend_writable = false;  // Until the connect completes (EPOLLOUT).
-  Pump(c);  // The client may have sent its first bytes with the handshake.
+  Pump(c);                     // The client may have sent its first bytes with the handshake.
 }
 
 void Worker::OnBackendConnected(Connection& c) {
@@ -575,12 +640,12 @@ bool Worker::Pump(Connection& c) {
   while (progress && rounds++ < kPumpRoundsPerTurn) {
     progress = false;
     // Client -> buffer.
-    const bool may_read_client =
-        c.ssl_read_want == EPOLLIN ? c.client_readable : c.client_writable;
+    const bool may_read_client = c.ssl_read_want == EPOLLIN ? c.client_readable : c.client_writable;
     if (!c.client_eof && c.to_backend.space() > 0 &&
         (may_read_client || SSL_has_pending(c.ssl.get()) == 1)) {
       ERR_clear_error();
-      const int n = SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
+      const int n =
+          SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
       if (n > 0) {
         c.to_backend.Produce(static_cast<uint32_t>(n));
         progress = true;
@@ -608,8 +673,8 @@ bool Worker::Pump(Connection& c) {
     }
     // Buffer -> backend.
     if (connected && c.to_backend.size() > 0 && c.backend_writable) {
-      const ssize_t n = ::send(c.backend.get(), c.to_backend.head(), c.to_backend.size(),
-                               MSG_NOSIGNAL);
+      const ssize_t n =
+          ::send(c.backend.get(), c.to_backend.head(), c.to_backend.size(), MSG_NOSIGNAL);
       if (n > 0) {
         c.to_backend.Consume(static_cast<uint32_t>(n));
         to_backend += static_cast<uint64_t>(n);
@@ -655,7 +720,8 @@ bool Worker::Pump(Connection& c) {
         c.ssl_write_want == EPOLLOUT ? c.client_writable : c.client_readable;
     if (c.to_client.size() > 0 && may_write_client) {
       ERR_clear_error();
-      const int n = SSL_write(c.ssl.get(), c.to_client.head(), static_cast<int>(c.to_client.size()));
+      const int n =
+          SSL_write(c.ssl.get(), c.to_client.head(), static_cast<int>(c.to_client.size()));
       if (n > 0) {
         c.to_client.Consume(static_cast<uint32_t>(n));
         to_client += static_cast<uint64_t>(n);
@@ -730,10 +796,10 @@ void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
   const ListenerRuntime& rt = *c.runtime;
   if (!why.empty()) {
     spdlog::info("[C{}] {}: closed: {} (relayed {} bytes to the backend, {} to the client)", c.id,
-                rt.name, why, c.bytes_to_backend, c.bytes_to_client);
+                 rt.name, why, c.bytes_to_backend, c.bytes_to_client);
   } else {
     spdlog::debug("[C{}] {}: closed (relayed {} bytes to the backend, {} to the client)", c.id,
-                 rt.name, c.bytes_to_backend, c.bytes_to_client);
+                  rt.name, c.bytes_to_backend, c.bytes_to_client);
   }
   rt.metrics->closed[static_cast<int>(reason)]->Increment();
   c.closed = true;
@@ -763,6 +829,7 @@ void Worker::Free(Connection& c) {
   if (c.phase == Connection::Phase::kHandshake) {
     --handshakes_;
   }
+  by_id_.erase(c.id);
   c.ssl.reset();  // Closes the wait fd (the provider's cleanup), which leaves epoll with it.
   c.client.Reset();
   // Swap-remove from the connection table.
@@ -784,8 +851,7 @@ void Worker::Sweep(int64_t now) {
     }
     if (drain_over) {
       if (c.phase == Connection::Phase::kHandshake) {
-        c.runtime->metrics->handshakes[static_cast<int>(HandshakeOutcome::kAborted)]
-            ->Increment();
+        c.runtime->metrics->handshakes[static_cast<int>(HandshakeOutcome::kAborted)]->Increment();
       }
       Close(c, CloseReason::kDrained, "drain timeout: closing");
       continue;
@@ -793,17 +859,17 @@ void Worker::Sweep(int64_t now) {
     switch (c.phase) {
       case Connection::Phase::kHandshake:
         if (now >= c.deadline_ms) {
-          FailHandshake(c, HandshakeOutcome::kTimeout,
-                        absl::StrCat("no finished handshake after ",
-                                     state_->limits.handshake_timeout_ms(), " ms",
-                                     c.paused ? " (waiting for the key service)" : ""));
+          FailHandshake(
+              c, HandshakeOutcome::kTimeout,
+              absl::StrCat("no finished handshake after ", state_->limits.handshake_timeout_ms(),
+                           " ms", c.paused ? " (waiting for the key service)" : ""));
         }
         break;
       case Connection::Phase::kConnecting:
         if (now >= c.deadline_ms) {
-          Close(c, CloseReason::kBackendError,
-                absl::StrCat("backend did not accept within ", c.runtime->connect_timeout_ms,
-                             " ms"));
+          Close(
+              c, CloseReason::kBackendError,
+              absl::StrCat("backend did not accept within ", c.runtime->connect_timeout_ms, " ms"));
         }
         break;
       case Connection::Phase::kRelay:

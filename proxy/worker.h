@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -28,7 +29,7 @@ struct ListenerRuntime {
   std::string name;
   std::shared_ptr<const ListenerTls> tls;
   BackendAddress backend;
-  std::string backend_address;  // As configured, for logs.
+  std::string backend_address;      // As configured, for logs.
   sockaddr_storage backend_addr{};  // Resolved when the state was built.
   socklen_t backend_addr_len = 0;
   int64_t connect_timeout_ms = 0;
@@ -68,8 +69,15 @@ class Worker {
   struct Connection;
   struct Watch;
 
+  // NotifyReady queues connection `id` for its paused handshake to be resumed (the answer to its
+  // signature came) and wakes the loop. Thread-safe: called on the key client's thread, through
+  // OpenSSL's async callback.
+  void NotifyReady(uint64_t id);
+
  private:
   void OnControl();
+  // OnReady resumes the paused handshakes queued by NotifyReady.
+  void OnReady();
   void OnAccept(size_t listener);
   void OnEvent(Watch* watch, uint32_t events);
   void Handshake(Connection& c);
@@ -95,6 +103,14 @@ class Worker {
   UniqueFd epoll_;
   UniqueFd control_;  // eventfd: SetState / Drain wake the loop.
   std::unique_ptr<Watch> control_watch_;
+  // One eventfd for every paused handshake of this worker: signatures answered are queued by
+  // id (not pointer: a connection may be gone by the time its entry is read).
+  UniqueFd ready_;
+  std::unique_ptr<Watch> ready_watch_;
+  std::mutex ready_mu_;  // Guards the two below.
+  std::vector<uint64_t> ready_ids_;
+  bool ready_signaled_ = false;
+  std::unordered_map<uint64_t, Connection*> by_id_;  // Open connections (loop thread only).
 
   std::mutex mu_;  // Guards the two below (written by other threads).
   std::shared_ptr<const ProxyState> pending_state_;
