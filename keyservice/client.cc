@@ -88,26 +88,6 @@ bool IsUnixSocketAddress(const std::string& address) {
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientSettings& settings,
                                                            int connection) {
-  if (absl::StartsWith(settings.address, "unix:")) {
-    if (!IsUnixSocketAddress(settings.address)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "'", settings.address, "': a Unix socket address is unix: and one absolute path"));
-    }
-    // keyd knows the caller by the uid the kernel reports for this socket's peer: no TLS, no
-    // credential files.
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    if (connection != 0) {
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-      args.SetInt("custody.connection", connection);
-    }
-    return grpc::CreateCustomChannel(settings.address, grpc::InsecureChannelCredentials(), args);
-  }
-  grpc::SslCredentialsOptions opts;
-  CUSTODY_ASSIGN_OR_RETURN(opts.pem_root_certs, ReadFile(settings.ca_file));
-  CUSTODY_ASSIGN_OR_RETURN(opts.pem_cert_chain, ReadFile(settings.cert_file));
-  CUSTODY_ASSIGN_OR_RETURN(opts.pem_private_key, ReadFile(settings.key_file));
   grpc::ChannelArguments args;
   // Fail fast rather than queue when the key service is down.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
@@ -116,6 +96,19 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ClientSettings&
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("custody.connection", connection);
   }
+  if (absl::StartsWith(settings.address, "unix:")) {
+    if (!IsUnixSocketAddress(settings.address)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "'", settings.address, "': a Unix socket address is unix: and one absolute path"));
+    }
+    // keyd knows the caller by the uid the kernel reports for this socket's peer: no TLS, no
+    // credential files.
+    return grpc::CreateCustomChannel(settings.address, grpc::InsecureChannelCredentials(), args);
+  }
+  grpc::SslCredentialsOptions opts;
+  CUSTODY_ASSIGN_OR_RETURN(opts.pem_root_certs, ReadFile(settings.ca_file));
+  CUSTODY_ASSIGN_OR_RETURN(opts.pem_cert_chain, ReadFile(settings.cert_file));
+  CUSTODY_ASSIGN_OR_RETURN(opts.pem_private_key, ReadFile(settings.key_file));
   CUSTODY_ASSIGN_OR_RETURN(ChannelTarget target, MakeChannelTarget(settings.address));
   if (target.balanced) {
     // Several replicas: gRPC keeps a connection to each and sends every call to one that is up

@@ -13,12 +13,6 @@
 #include "common/log.h"
 
 namespace custody::keyservice {
-namespace {
-
-std::string ErrnoText(int err) { return std::strerror(err); }
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
     const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit) {
   const std::string& path = config.path();
@@ -36,7 +30,7 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
   }
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) {
-    return absl::InternalError(absl::StrCat("unix socket: ", ErrnoText(errno)));
+    return absl::InternalError(absl::StrCat("unix socket: ", std::strerror(errno)));
   }
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
@@ -47,10 +41,10 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
   ::umask(old_mask);
   if (bound != 0) {
     return absl::FailedPreconditionError(
-        absl::StrCat("unix_socket.path: cannot bind ", path, ": ", ErrnoText(bind_errno)));
+        absl::StrCat("unix_socket.path: cannot bind ", path, ": ", std::strerror(bind_errno)));
   }
   if (::listen(fd.get(), SOMAXCONN) != 0) {
-    return absl::InternalError(absl::StrCat("listen on ", path, ": ", ErrnoText(errno)));
+    return absl::InternalError(absl::StrCat("listen on ", path, ": ", std::strerror(errno)));
   }
   return std::unique_ptr<UnixListener>(new UnixListener(config, audit, std::move(fd)));
 }
@@ -89,7 +83,7 @@ void UnixListener::Accept(grpc::Server* server) {
         continue;
       }
       if (!stopping_.load()) {
-        spdlog::error("unix socket {}: accept: {}", path_, ErrnoText(errno));
+        spdlog::error("unix socket {}: accept: {}", path_, std::strerror(errno));
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
           ::usleep(100 * 1000);  // Out of descriptors or memory: back off, then try again.
           continue;
@@ -101,7 +95,8 @@ void UnixListener::Accept(grpc::Server* server) {
     ucred cred{};
     socklen_t len = sizeof(cred);
     if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-      spdlog::error("unix socket {}: SO_PEERCRED: {}; connection closed", path_, ErrnoText(errno));
+      spdlog::error("unix socket {}: SO_PEERCRED: {}; connection closed", path_,
+                    std::strerror(errno));
       continue;
     }
     const std::string peer = absl::StrCat("unix:", path_, " pid=", cred.pid, " uid=", cred.uid);

@@ -115,7 +115,6 @@ struct Worker::Connection {
   Watch backend_watch{Watch::Kind::kBackend};
   Watch async_watch{Watch::Kind::kAsync};
   bool client_registered = false;
-  bool backend_registered = false;
   std::vector<int> async_fds;
 
   int64_t accepted_ms = 0;
@@ -599,7 +598,7 @@ void Worker::StartBackend(Connection& c) {
   if (::connect(c.backend.get(), reinterpret_cast<const sockaddr*>(&rt.backend_addr),
                 rt.backend_addr_len) == 0) {
     c.phase = Connection::Phase::kRelay;
-    c.backend_registered = Register(c.backend.get(), &c.backend_watch);
+    Register(c.backend.get(), &c.backend_watch);
     Pump(c);
     return;
   }
@@ -608,7 +607,7 @@ void Worker::StartBackend(Connection& c) {
           absl::StrCat("backend ", rt.backend_address, ": ", ErrnoText(errno)));
     return;
   }
-  c.backend_registered = Register(c.backend.get(), &c.backend_watch);
+  Register(c.backend.get(), &c.backend_watch);
   c.backend_writable = false;  // Until the connect completes (EPOLLOUT).
   Pump(c);                     // The client may have sent its first bytes with the handshake.
 }
