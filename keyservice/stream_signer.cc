@@ -32,7 +32,6 @@ class StreamSigner::Stream {
   explicit Stream(std::size_t lane) : lane(lane) {}
 
   const std::size_t lane;
-  bool on_lane = true;  // New requests may still be added.
   grpc::ClientContext context;
   std::unique_ptr<grpc::ClientAsyncReaderWriter<custody::v1::SignStreamRequest,
                                                 custody::v1::SignStreamResponse>>
@@ -73,9 +72,11 @@ class StreamSigner::Stream {
     rw->Write(sending, &written_tag);
   }
 
+  // ending says the call is over or going (no new request may join it).
+  bool ending() const { return cancelled || read_done; }
+
   // CancelLocked ends the call; its outstanding operations fail and Finish follows.
   void CancelLocked() {
-    on_lane = false;
     if (!cancelled) {
       cancelled = true;
       context.TryCancel();
@@ -163,6 +164,12 @@ void StreamSigner::SignMany(std::vector<Request> requests) {
   Deliver(answers);
 }
 
+void StreamSigner::DetachLocked(Stream* s) {
+  if (lanes_[s->lane] == s) {
+    lanes_[s->lane] = nullptr;
+  }
+}
+
 void StreamSigner::Deliver(std::vector<Answer>& answers) {
   for (Answer& a : answers) {
     a.done(a.status, a.response);
@@ -187,9 +194,7 @@ void StreamSigner::ExpireLocked(absl::Time now, std::vector<Answer>& answers) {
     }
     if (expired && !s->cancelled) {
       // A stream that lets a request expire may be stuck (a replica that hangs): replace it.
-      if (lanes_[s->lane] == s) {
-        lanes_[s->lane] = nullptr;
-      }
+      DetachLocked(s);
       s->CancelLocked();
     }
   }
@@ -218,7 +223,6 @@ void StreamSigner::Poll() {
         case Stream::Event::kStarted:
           if (!ok) {
             s->read_done = true;  // The call never started: only its status remains.
-            s->on_lane = false;
           } else {
             s->started = true;
             s->reading = true;
@@ -230,7 +234,6 @@ void StreamSigner::Poll() {
           s->reading = false;
           if (!ok) {
             s->read_done = true;
-            s->on_lane = false;
             break;
           }
           for (custody::v1::SignStreamResult& result : *s->in.mutable_results()) {
@@ -266,9 +269,7 @@ void StreamSigner::Poll() {
           for (auto& [id, p] : s->pending) {
             answers.push_back({std::move(p.done), st, {}});
           }
-          if (lanes_[s->lane] == s) {
-            lanes_[s->lane] = nullptr;
-          }
+          DetachLocked(s);
           streams_.erase(std::find(streams_.begin(), streams_.end(), s));
           delete s;
           s = nullptr;
@@ -279,8 +280,8 @@ void StreamSigner::Poll() {
         }
       }
       if (s != nullptr) {
-        if (!s->on_lane && lanes_[s->lane] == s) {
-          lanes_[s->lane] = nullptr;
+        if (s->ending()) {
+          DetachLocked(s);  // New requests go to a new stream.
         }
         s->MaybeFinishLocked();
       }

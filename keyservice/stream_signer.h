@@ -64,6 +64,9 @@ class StreamSigner {
 
   // OpenLocked starts a new stream for lane `lane` (mu_ held).
   Stream* OpenLocked(std::size_t lane);
+  // DetachLocked takes `s` off its lane (if still there), so the lane's next request opens a new
+  // stream.
+  void DetachLocked(Stream* s);
   // Poll handles completions and expires requests until the queue is shut down.
   void Poll();
   // ExpireLocked answers requests whose deadline has passed and cancels their streams.
