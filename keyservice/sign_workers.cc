@@ -167,28 +167,29 @@ class StreamCall final {
       MaybeFinishLocked();
       return;
     }
-    auto message = std::make_unique<SignStreamRequest>();
-    message->Swap(&in_);
-    const int n = message->items_size();
+    const int n = in_.items_size();
     if (n == 0 || n > kMaxSignBatch) {
       FailLocked(grpc::Status(
           grpc::StatusCode::INVALID_ARGUMENT,
           absl::StrCat("a SignStream message holds 1 to ", kMaxSignBatch, " items, not ", n)));
       return;
     }
-    for (const custody::v1::SignStreamItem& item : message->items()) {
-      if (!ids_.insert(item.id()).second) {
-        FailLocked(
-            grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                         absl::StrCat("SignStream item id ", item.id(), " is already pending")));
+    for (int i = 0; i < n; ++i) {
+      if (!ids_.insert(in_.items(i).id()).second) {
+        for (int j = 0; j < i; ++j) {
+          ids_.erase(in_.items(j).id());  // None of this message is taken.
+        }
+        FailLocked(grpc::Status(
+            grpc::StatusCode::INVALID_ARGUMENT,
+            absl::StrCat("SignStream item id ", in_.items(i).id(), " is already pending")));
         return;
       }
     }
-    pending_ += n;
-    for (custody::v1::SignStreamItem& item : *message->mutable_items()) {
+    for (custody::v1::SignStreamItem& item : *in_.mutable_items()) {
       backlog_.push_back({std::move(item), received});
     }
-    if (pending_ < kMaxStreamPending) {
+    in_.Clear();
+    if (PendingLocked() < kMaxStreamPending) {
       ReadLocked();
     }
     if (signing_) {
@@ -231,14 +232,16 @@ class StreamCall final {
         if (!broken_) {
           *queued_.add_results() = std::move(result);
         }
-        --pending_;
-        if (!reading_ && !read_done_ && pending_ < kMaxStreamPending) {
+        if (!reading_ && !read_done_ && PendingLocked() < kMaxStreamPending) {
           ReadLocked();
         }
         WriteLocked();
       });
     }
   }
+
+  // PendingLocked counts the items read and not yet answered.
+  int PendingLocked() const { return static_cast<int>(ids_.size()); }
 
   // WriteLocked starts a write of the queued results when none is in progress.
   void WriteLocked() {
@@ -275,7 +278,7 @@ class StreamCall final {
   }
 
   void MaybeFinishLocked() {
-    if (pending_ > 0 || signing_ || writing_ || finishing_ || queued_.results_size() > 0) {
+    if (PendingLocked() > 0 || signing_ || writing_ || finishing_ || queued_.results_size() > 0) {
       return;
     }
     if (draining_ && !cancelled_) {
@@ -318,14 +321,13 @@ class StreamCall final {
   SignStreamRequest in_;
   SignStreamResponse queued_;         // Results waiting for the write in progress.
   SignStreamResponse sending_;        // The write in progress.
-  std::unordered_set<uint64_t> ids_;  // Items read and not yet answered.
+  std::unordered_set<uint64_t> ids_;  // Items read and not yet answered (backlog included).
   struct Backlogged {
     custody::v1::SignStreamItem item;
     absl::Time received;
   };
   std::deque<Backlogged> backlog_;  // Read, not yet taken by the signing task.
   bool signing_ = false;            // The signing task is posted or running.
-  int pending_ = 0;                 // Read and not yet answered (backlog included).
   bool reading_ = false;
   bool read_done_ = false;
   bool writing_ = false;
