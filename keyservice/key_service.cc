@@ -237,10 +237,12 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
                      request->version(),
                      scheme ? scheme->name : ""};
 
-  const ThreadUsage before = ThreadUsageNow();
+  // The waiting share is only used where keyd may run on one CPU (see SlowToSign).
+  const bool measure_wait = !multi_cpu_ && helpers_ != nullptr;
+  const ThreadUsage before = measure_wait ? ThreadUsageNow() : ThreadUsage{};
   absl::StatusOr<hsm::SignResult> result =
       CheckAndSign(caller, *request, scheme, std::min(start + limits_.sign_timeout, call_deadline));
-  const ThreadUsage after = ThreadUsageNow();
+  const ThreadUsage after = measure_wait ? ThreadUsageNow() : ThreadUsage{};
 
   const absl::Status status = result.status();
   record.outcome = CodeName(status.code());

@@ -292,51 +292,41 @@ struct SignSlot {
 absl::StatusOr<custody::v1::SignResponse> SignInJob(KeySigner& signer,
                                                     const custody::v1::SignRequest& request,
                                                     absl::Time deadline) {
-  ASYNC_JOB* job = ASYNC_get_current_job();
-  ASYNC_WAIT_CTX* wait_ctx = ASYNC_get_wait_ctx(job);
+  ASYNC_WAIT_CTX* wait_ctx = ASYNC_get_wait_ctx(ASYNC_get_current_job());
+  // The answer wakes the job's owner one of two ways: the callback the application asked for
+  // (SSL_set_async_callback; custody-proxy), or else the connection's wait fd (stock programs).
   ASYNC_callback_fn callback = nullptr;
   void* callback_arg = nullptr;
-  if (ASYNC_WAIT_CTX_get_callback(wait_ctx, &callback, &callback_arg) == 1 && callback != nullptr) {
-    // The application asked to be called back (SSL_set_async_callback): no wait fd. "Done" is
-    // set and the callback made under one lock, and the job reads "done" under it, so the job
-    // cannot finish (and its connection go) before the callback has returned.
-    auto slot = std::make_shared<SignSlot>();
-    signer.SignAsync(request, deadline,
-                     [slot, callback, callback_arg](absl::StatusOr<custody::v1::SignResponse> r) {
-                       std::lock_guard<std::mutex> lock(slot->mu);
-                       slot->result = std::move(r);
-                       slot->done = true;
-                       callback(callback_arg);
-                     });
-    for (;;) {
-      {
-        std::lock_guard<std::mutex> lock(slot->mu);
-        if (slot->done) {
-          return std::move(slot->result);
-        }
-      }
-      if (ASYNC_pause_job() != 1) {
-        return absl::InternalError("ASYNC_pause_job failed");
-      }
+  int fd = -1;
+  if (ASYNC_WAIT_CTX_get_callback(wait_ctx, &callback, &callback_arg) != 1 || callback == nullptr) {
+    callback = nullptr;
+    fd = WaitFd(wait_ctx);
+    if (fd < 0) {
+      return absl::ResourceExhaustedError("no wait fd for the asynchronous signature");
     }
   }
-  const int fd = WaitFd(wait_ctx);
-  if (fd < 0) {
-    return absl::ResourceExhaustedError("no wait fd for the asynchronous signature");
-  }
+  // "Done" is set and the owner woken under one lock, and the job reads "done" under it: the job
+  // cannot finish (and its connection go) before the wake-up has been made.
   auto slot = std::make_shared<SignSlot>();
-  signer.SignAsync(request, deadline, [slot, fd](absl::StatusOr<custody::v1::SignResponse> result) {
-    std::lock_guard<std::mutex> lock(slot->mu);
-    slot->result = std::move(result);
-    slot->done = true;
-    const uint64_t one = 1;
-    (void)!::write(fd, &one, sizeof(one));
-  });
+  signer.SignAsync(request, deadline,
+                   [slot, callback, callback_arg, fd](absl::StatusOr<custody::v1::SignResponse> r) {
+                     std::lock_guard<std::mutex> lock(slot->mu);
+                     slot->result = std::move(r);
+                     slot->done = true;
+                     if (callback != nullptr) {
+                       callback(callback_arg);
+                     } else {
+                       const uint64_t one = 1;
+                       (void)!::write(fd, &one, sizeof(one));
+                     }
+                   });
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(slot->mu);
-      uint64_t drained = 0;
-      (void)!::read(fd, &drained, sizeof(drained));  // Spurious wake-ups leave nothing behind.
+      if (fd >= 0) {
+        uint64_t drained = 0;
+        (void)!::read(fd, &drained, sizeof(drained));  // Spurious wake-ups leave nothing behind.
+      }
       if (slot->done) {
         return std::move(slot->result);
       }
