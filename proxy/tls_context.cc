@@ -29,6 +29,11 @@ constexpr char kDefaultCiphers[] =
 constexpr char kDefaultCiphersuites[] =
     "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
 constexpr char kDefaultGroups[] = "X25519:P-256:P-384";
+// One ticket per full handshake: enough for a client that reconnects (each resumption brings a
+// new ticket); OpenSSL's default of two serves clients that open parallel connections, at a
+// ticket's cost (an encrypted copy of the session) on every handshake.
+constexpr uint32_t kDefaultSessionTickets = 1;
+constexpr uint32_t kMaxSessionTickets = 8;
 
 absl::StatusOr<int> ProtocolVersion(const std::string& field, const std::string& v) {
   if (v == "1.2") {
@@ -64,9 +69,9 @@ absl::Status ApplyTlsSettings(const std::string& prefix, const ProxyTlsConfig& t
   CUSTODY_ASSIGN_OR_RETURN(int min, ProtocolVersion(prefix + ".min_version", tls.min_version()));
   CUSTODY_ASSIGN_OR_RETURN(int max, ProtocolVersion(prefix + ".max_version", tls.max_version()));
   if (min > max) {
-    return ConfigFieldError(prefix + ".min_version",
-                            absl::StrCat("'", tls.min_version(), "' is above max_version '",
-                                         tls.max_version(), "'"));
+    return ConfigFieldError(
+        prefix + ".min_version",
+        absl::StrCat("'", tls.min_version(), "' is above max_version '", tls.max_version(), "'"));
   }
   SSL_CTX_set_min_proto_version(ctx, min);
   SSL_CTX_set_max_proto_version(ctx, max);
@@ -115,10 +120,18 @@ absl::Status ApplyTlsSettings(const std::string& prefix, const ProxyTlsConfig& t
   }
   // Partial writes and a buffer that moves between retries suit the relay's buffers; handshakes
   // run in ASYNC jobs so a signature never blocks the worker.
-  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                            SSL_MODE_ASYNC);
+  SSL_CTX_set_mode(
+      ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ASYNC);
   static const unsigned char kSessionContext[] = "custody-proxy";
   SSL_CTX_set_session_id_context(ctx, kSessionContext, sizeof(kSessionContext) - 1);
+  // Resumption is by ticket only: the proxy keeps no per-client session state.
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  const uint32_t tickets =
+      tls.has_session_tickets() ? tls.session_tickets() : kDefaultSessionTickets;
+  SSL_CTX_set_num_tickets(ctx, tickets);
+  if (tickets == 0) {
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+  }
   return absl::OkStatus();
 }
 
@@ -154,9 +167,8 @@ std::string Subject(X509* cert) {
 // EVP_PKEY with the public half and a reference to the private half.
 absl::StatusOr<OsslPtr<EVP_PKEY>> LoadKeyReference(const std::string& uri, OSSL_LIB_CTX* libctx) {
   ClearOsslErrors();
-  OsslPtr<OSSL_STORE_CTX> store(
-      OSSL_STORE_open_ex(uri.c_str(), libctx, nullptr, nullptr, nullptr, nullptr, nullptr,
-                         nullptr));
+  OsslPtr<OSSL_STORE_CTX> store(OSSL_STORE_open_ex(uri.c_str(), libctx, nullptr, nullptr, nullptr,
+                                                   nullptr, nullptr, nullptr));
   if (store == nullptr) {
     return OsslError(absl::StatusCode::kUnavailable, absl::StrCat("opening ", uri));
   }
@@ -189,6 +201,13 @@ absl::Status CheckTlsSettings(const std::string& prefix, ProxyTlsConfig& tls) {
   }
   if (tls.groups().empty()) {
     tls.set_groups(kDefaultGroups);
+  }
+  if (!tls.has_session_tickets()) {
+    tls.set_session_tickets(kDefaultSessionTickets);
+  } else if (tls.session_tickets() > kMaxSessionTickets) {
+    return ConfigFieldError(
+        prefix + ".session_tickets",
+        absl::StrCat(tls.session_tickets(), " is above the maximum of ", kMaxSessionTickets));
   }
   for (int i = 0; i < tls.alpn_size(); ++i) {
     for (int j = 0; j < i; ++j) {
@@ -233,14 +252,15 @@ absl::StatusOr<std::shared_ptr<const ListenerTls>> ListenerTls::Build(
         }
       }
       if (pem.empty()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            what, ": the key service holds no certificate for version ", version,
-            "; import one into the token or set chain_file"));
+        return absl::FailedPreconditionError(
+            absl::StrCat(what, ": the key service holds no certificate for version ", version,
+                         "; import one into the token or set chain_file"));
       }
     }
     auto chain = ParseChain(pem, source);
     if (!chain.ok()) {
-      return absl::Status(chain.status().code(), absl::StrCat(what, ": ", chain.status().message()));
+      return absl::Status(chain.status().code(),
+                          absl::StrCat(what, ": ", chain.status().message()));
     }
     std::string uri = absl::StrCat("custody:key=", cert.key());
     if (cert.version() != 0) {

@@ -14,6 +14,9 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
                                    connection; prints how
   hold ADDR CA SNI                 open a TLS connection, print "open", then for each stdin line
                                    send it as an HTTP request and print the response's first line
+  resume ADDR CA VERSION           a full handshake (TLS 1.2 or 1.3) and an HTTP request, then a
+                                   second connection offering its session; prints
+                                   "resumed=True|False"
 """
 import os
 import socket
@@ -234,6 +237,49 @@ def relay(addr, ca, size="1048576", sni="ec256.lab.test"):
     ok(f"{size} bytes relayed both ways, unchanged")
 
 
+def http_get(sock, path, host):
+    """One HTTP/1.1 request on a keep-alive connection; returns the status line and body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    f = sock.makefile("rb")
+    status = f.readline().decode().strip()
+    length = 0
+    while True:
+        h = f.readline().decode().strip()
+        if not h:
+            break
+        if h.lower().startswith("content-length:"):
+            length = int(h.split(":")[1])
+    body = f.read(length).decode().strip()
+    f.close()
+    return status, body
+
+
+def resume(addr, ca, version):
+    """Connects twice through an HTTP backend: the second connection offers the first one's
+    session (its ticket)."""
+    ctx = context(ca)
+    ctx.maximum_version = ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2)
+    first = ctx.wrap_socket(socket.create_connection(split_addr(addr), timeout=30),
+                            server_hostname="ec256.lab.test")
+    # TLS 1.3 tickets arrive after the handshake: a request and its answer read them.
+    status, _ = http_get(first, "/first", "ec256.lab.test")
+    if " 200" not in status:
+        fail(f"first connection: {status!r}")
+    session = first.session
+    reused = first.session_reused
+    first.close()
+    if reused:
+        fail("the first connection was resumed")
+    second = ctx.wrap_socket(socket.create_connection(split_addr(addr), timeout=30),
+                             server_hostname="ec256.lab.test", session=session)
+    status, _ = http_get(second, "/second", "ec256.lab.test")
+    if " 200" not in status:
+        fail(f"second connection: {status!r}")
+    print(f"resumed={second.session_reused}", flush=True)
+    second.close()
+
+
 def idle(addr, ca):
     """Relays once, then stays silent: the proxy must end the connection (idle timeout)."""
     s = connect(addr, ca)
@@ -337,6 +383,8 @@ def main():
         bad_input(*args)
     elif cmd == "hold":
         hold(*args)
+    elif cmd == "resume":
+        resume(*args)
     else:
         fail(f"unknown subcommand {cmd}")
 

@@ -7,7 +7,9 @@
 # - secure defaults: TLS 1.1 and a non-AEAD cipher are refused, ALPN is enforced;
 # - the proxy reads no private key file but its own key-service credential, and its config
 #   names none (strace lists every file it opens);
-# - its metrics count handshakes, bytes and signatures.
+# - its metrics count handshakes, bytes and signatures;
+# - a client resumes with the proxy's session ticket (TLS 1.3 and 1.2) without a signature;
+#   session_tickets: 0 turns resumption off.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
 e2e_setup
@@ -142,6 +144,29 @@ check "metrics: bytes relayed counted both ways" bash -c "test $(proxy_metric \
 check "metrics: signing latency by key and scheme" bash -c "curl -sf http://$CUSTODY_PROXY_METRICS_ADDR/metrics | grep -q 'custody_proxy_sign_duration_seconds_count{key=\"lab-ec256\",scheme=\"ecdsa_secp256r1_sha256\"}'"
 check "metrics: certificate expiry per key" bash -c "curl -sf http://$CUSTODY_PROXY_METRICS_ADDR/metrics | grep -q 'custody_proxy_certificate_not_after_seconds{key=\"lab-rsa2048\",listener=\"lab\"}'"
 check "metrics: open connections gauge present" bash -c "curl -sf http://$CUSTODY_PROXY_METRICS_ADDR/metrics | grep -q '^custody_proxy_connections_open{listener=\"lab\"}'"
+
+# ---------------------------------------------------------------- session resumption
+# A resumed handshake needs no signature: no key-service call, no audit record.
+for v in 1.3 1.2; do
+  before=$(audit_count)
+  run_capture python3 "$E2E_LIB_DIR/proxy_client.py" resume "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" "$v"
+  check "resumption TLS $v: the second connection resumed with the ticket" grep -qx "resumed=True" "$E2E_OUT"
+  check "resumption TLS $v: one signature for the two connections" test "$(audit_count)" -eq $((before + 1))
+done
+e2e_stop_proxy TERM
+sed 's/^    tls:$/    tls:\n      session_tickets: 0/' "$CUSTODY_PROXY_CONFIG" >"$W/proxy-no-tickets.yaml"
+check "resumption: the no-ticket config sets session_tickets: 0" grep -q "session_tickets: 0" \
+  "$W/proxy-no-tickets.yaml"
+e2e_start_proxy "$W/proxy-no-tickets.yaml"
+for v in 1.3 1.2; do
+  before=$(audit_count)
+  run_capture python3 "$E2E_LIB_DIR/proxy_client.py" resume "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" "$v"
+  check "session_tickets: 0, TLS $v: no resumption" grep -qx "resumed=False" "$E2E_OUT"
+  check "session_tickets: 0, TLS $v: a signature for each connection" \
+    test "$(audit_count)" -eq $((before + 2))
+done
+e2e_stop_proxy TERM
+e2e_start_proxy
 
 # ---------------------------------------------------------------- same host: keyd's Unix socket
 # keyd knows the proxy by its uid (SO_PEERCRED): the proxy then needs no TLS files at all.

@@ -68,6 +68,8 @@ TEST_F(ProxyConfigTest, MinimalConfigGetsSecureDefaults) {
   EXPECT_EQ(l.tls().max_version(), "1.3");
   EXPECT_NE(l.tls().ciphers().find("ECDHE"), std::string::npos);
   EXPECT_EQ(l.tls().ciphers().find("CBC"), std::string::npos);
+  EXPECT_TRUE(l.tls().has_session_tickets());
+  EXPECT_EQ(l.tls().session_tickets(), 1u) << "one ticket per full handshake";
   EXPECT_TRUE(l.certificates(0).default_()) << "the only certificate is the default";
   EXPECT_EQ(l.backend().connect_timeout_ms(), kDefaultConnectTimeoutMs);
   EXPECT_EQ(config->key_service().sign_timeout_ms(), kDefaultSignTimeoutMs);
@@ -146,6 +148,12 @@ TEST_F(ProxyConfigTest, TlsSettingsAreSecure) {
   ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {alpn: [h2, h2]}"),
               {"tls.alpn[1]", "twice"});
   ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {alpn: ['']}"), {"tls.alpn[0]"});
+  ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {session_tickets: 9}"),
+              {"tls.session_tickets", "maximum of 8"});
+  auto no_tickets = Parse(KeyService() + Listener("[{key: a}]", ", tls: {session_tickets: 0}"));
+  ASSERT_TRUE(no_tickets.ok()) << no_tickets.status();
+  EXPECT_TRUE(no_tickets->listeners(0).tls().has_session_tickets()) << "0 is kept, not defaulted";
+  EXPECT_EQ(no_tickets->listeners(0).tls().session_tickets(), 0u);
   // TLS 1.3 only needs no TLS 1.2 cipher.
   EXPECT_TRUE(Parse(KeyService() + Listener("[{key: a}]", ", tls: {min_version: '1.3'}")).ok());
 }
