@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
-#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--build DIR]
+#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
 # plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
@@ -24,23 +24,27 @@
 # The machine is shared and noisy: read ratios, not absolute figures. Each figure is measured in
 # R rounds (default 3) that interleave our server and the peer, each round gives a ratio, and the
 # median ratio is the result (a burst of load from elsewhere then spoils one round, not the
-# figure). Loopback only; every load is bounded in time or bytes.
+# figure). --sections picks which of the four figures to measure (default all). Loopback only;
+# every load is bounded in time or bytes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$ROOT/build
 SECS=5
 ROUNDS=3
 TRANSPORT=unix
+SECTIONS=1,2,3,4
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --keyd-transport) TRANSPORT=$2; shift 2 ;;
+    --sections) SECTIONS=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--build DIR]" >&2
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--build DIR]" >&2
        exit 2 ;;
   esac
 done
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }  # want N: section N was asked for
 BIN=$BUILD/bin
 for b in custody-keyd custody-proxy custody-lab-backend custody-bench-tls custodyctl; do
   [ -x "$BIN/$b" ] || { echo "bench/proxy.sh: $BIN/$b missing; run ci/build.sh first" >&2; exit 2; }
@@ -220,6 +224,7 @@ start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
 }
 
 echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT"
+if want 1; then
 echo
 echo "## 1. TLS 1.3 full handshakes, 16 clients: server CPU per handshake (us), $ROUNDS rounds"
 printf '%-5s %-8s %-14s %9s %8s %10s %10s %10s\n' round key server handshakes rate/s "proxy us" "keyd us" "total us"
@@ -250,6 +255,8 @@ for name in ec256 rsa2048; do
   echo "$name: proxy / nginx-file = $(median ${RATIO[$name.file]}) (rounds:${RATIO[$name.file]}; goal <= 0.9);" \
     "proxy+keyd / nginx-engine = $(median ${RATIO[$name.engine]}) (rounds:${RATIO[$name.engine]}; goal <= 1.0)"
 done
+fi
+if want 2; then
 echo
 echo "## 2. 5 ms injected key-service latency, 64 clients, ECDSA P-256, $ROUNDS rounds"
 LAT_RATIOS=""
@@ -263,6 +270,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 # shellcheck disable=SC2086
 echo "with / without = $(median $LAT_RATIOS) (goal >= 0.9; a blocking worker caps at 200/s)"
+fi
+if want 3; then
 echo
 echo "## 3. Bulk relay (backend -> client), proxy CPU s/GB and MB/s"
 # bulk_run ADDR CONC BYTES PID: prints "mb_per_s cpu_s_per_gb"
@@ -292,13 +301,16 @@ for spec in "1 1073741824" "8 268435456"; do
   # shellcheck disable=SC2086
   echo "$conc x $((bytes >> 20)) MiB: MB/s proxy / nginx = $(median $MBX); s/GB proxy / nginx = $(median $GBX)"
 done
+stop_nginx
 echo "(goals: proxy s/GB <= 0.9 x nginx's, proxy MB/s >= nginx's)"
-
+fi
+if want 4; then
 echo
 echo "## 4. Added latency of a small keep-alive request (5000 requests, one connection)"
 lat() { pin_client "$BIN/custody-bench-tls" latency --connect "$1" --sni ec256.lab.test --ca "$CUSTODY_CA" --requests 5000 "${@:2}"; }
 add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
 declare -A LATX
+start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
 for round in $(seq 1 "$ROUNDS"); do
   direct=$(lat "$CUSTODY_BACKEND_ADDR" --plain)
   viaproxy=$(lat "$CUSTODY_PROXY_ADDR")
@@ -317,3 +329,4 @@ for q in p50 p99; do
   # shellcheck disable=SC2086
   echo "$q: added latency proxy / nginx = $(median ${LATX[$q]}) (rounds:${LATX[$q]}; goal <= 1.0)"
 done
+fi
