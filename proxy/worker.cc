@@ -140,7 +140,6 @@ struct Worker::Connection {
   bool backend_writable = true;
   // The backend has closed its side (or failed): a short read no longer proves the socket empty.
   bool backend_hup = false;
-  bool client_corked = false;  // TCP_CORK is on for this turn's records (see Pump).
   RelayBuffer to_backend;
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
@@ -719,14 +718,6 @@ bool Worker::Pump(Connection& c) {
     const bool may_write_client =
         c.ssl_write_want == EPOLLOUT ? c.client_writable : c.client_readable;
     if (c.to_client.size() > 0 && may_write_client) {
-      // A bulk transfer (the backend has more for us): hold this turn's records in the socket
-      // and send them as one segment when the turn ends. The client then wakes once per turn,
-      // not once per 16 KB record; on loopback or a fast LAN the wake-ups cost more than the
-      // copies.
-      if (!c.client_corked && c.backend_readable && !c.backend_eof) {
-        const int on = 1;
-        c.client_corked = ::setsockopt(c.client.get(), IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0;
-      }
       ERR_clear_error();
       const int n =
           SSL_write(c.ssl.get(), c.to_client.head(), static_cast<int>(c.to_client.size()));
@@ -786,11 +777,6 @@ bool Worker::Pump(Connection& c) {
       c.to_client.size() == 0) {
     Close(c, CloseReason::kOk, "");
     return true;
-  }
-  if (c.client_corked) {
-    const int off = 0;
-    ::setsockopt(c.client.get(), IPPROTO_TCP, TCP_CORK, &off, sizeof(off));  // Sends what is held.
-    c.client_corked = false;
   }
   if (progress) {
     // Quota used up with work left: continue after the other connections had their turn.
