@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
-#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--build DIR]
+#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4]
+#                  [--session-tickets N] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
 # plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
@@ -24,7 +25,9 @@
 # The machine is shared and noisy: read ratios, not absolute figures. Each figure is measured in
 # R rounds (default 3) that interleave our server and the peer, each round gives a ratio, and the
 # median ratio is the result (a burst of load from elsewhere then spoils one round, not the
-# figure). --sections picks which of the four figures to measure (default all). Loopback only;
+# figure). --sections picks which of the four figures to measure (default all);
+# --session-tickets sets the proxy's tls.session_tickets (default: the proxy's own default, 1; nginx
+# sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake). Loopback only;
 # every load is bounded in time or bytes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,14 +36,16 @@ SECS=5
 ROUNDS=3
 TRANSPORT=unix
 SECTIONS=1,2,3,4
+TICKETS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --keyd-transport) TRANSPORT=$2; shift 2 ;;
     --sections) SECTIONS=$2; shift 2 ;;
+    --session-tickets) TICKETS=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--build DIR]" >&2
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--build DIR]" >&2
        exit 2 ;;
   esac
 done
@@ -141,6 +146,11 @@ text = re.sub(r'  (ca_file|cert_file|key_file): .*\n', '', text)
 open(sys.argv[1], "w").write(text)
 PY2
 fi
+if [ -n "$TICKETS" ]; then
+  # Tickets per full handshake: the proxy's default is 1; nginx (OpenSSL's default) sends 2.
+  sed -i "s/^    tls:\$/    tls:\n      session_tickets: $TICKETS/" "$TMP/proxy.yaml"
+  grep -q "session_tickets: $TICKETS" "$TMP/proxy.yaml" || { echo "bench/proxy.sh: no tls section to set session_tickets in" >&2; exit 1; }
+fi
 start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
 wait_port "$CUSTODY_BACKEND_ADDR"
 wait_port "$CUSTODY_PROXY_ADDR"
@@ -223,7 +233,7 @@ start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
   wait_port "127.0.0.1:$2"
 }
 
-echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT"
+echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT, proxy session tickets ${TICKETS:-1 (default)}"
 if want 1; then
 echo
 echo "## 1. TLS 1.3 full handshakes, 16 clients: server CPU per handshake (us), $ROUNDS rounds"
