@@ -2,7 +2,6 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -16,6 +15,7 @@
 #include "common/status.h"
 #include "hsm/pkcs11_key_backend.h"
 #include "keyservice/audit_log.h"
+#include "keyservice/health_service.h"
 #include "keyservice/key_service.h"
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
@@ -83,12 +83,15 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
                         absl::StrCat("unix:", config.unix_socket().path()));
   }
 
-  grpc::EnableDefaultHealthCheckService(true);
+  // Our own health service, not gRPC's built-in one (see health_service.h for why).
+  grpc::EnableDefaultHealthCheckService(false);
+  HealthService health({"custody.v1.KeyService"});
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config.listen(), creds, &port);
   builder.RegisterService(&key_service);
+  builder.RegisterService(&health);
   if (options.enable_test_hooks) {
     spdlog::warn("test hooks are ENABLED (custody.v1.KeyServiceTesting): never in production");
     builder.RegisterService(&testing_service);
@@ -122,7 +125,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
                      ? absl::StrCat(::geteuid(), " (keyd's own)")
                      : absl::StrJoin(config.unix_socket().allowed_uids(), ","));
   }
-  server->GetHealthCheckService()->SetServingStatus("custody.v1.KeyService", true);
+  health.SetServing(true);
   spdlog::info(
       "custody-keyd: serving custody.v1.KeyService on {} (port {}), {} HSM sessions, "
       "audit log {}",
@@ -148,7 +151,7 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   if (unix_listener != nullptr) {
     unix_listener->Stop();
   }
-  server->GetHealthCheckService()->Shutdown();
+  health.Shutdown();
   sign_workers.Drain();
   server->Shutdown(absl::ToChronoTime(absl::Now() + kDrainTimeout));
   sign_workers.Stop();

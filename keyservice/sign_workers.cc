@@ -87,8 +87,9 @@ void StartSignBatch(KeyServiceImpl& service, grpc::ServerCompletionQueue* queue)
 }
 
 // StreamCall is one SignStream call. Its queue's thread reads messages into a backlog; one
-// signing task per call, on the service's helper threads, takes the backlog's items together
-// and signs them (several at once when they would take long in turn: a slow or remote HSM).
+// signing task per call takes the backlog's items together and signs them: on the queue's
+// thread when they are quick (a local token), else on the service's helper threads, several at
+// once (a slow or remote HSM; see KeyServiceImpl::SlowToSign).
 // Results are written as they come, several per write when they queue up behind a write in
 // progress. At most kMaxStreamPending items are signed or waiting at once: beyond that the call
 // stops reading, and HTTP/2 flow control slows the client.
@@ -196,9 +197,16 @@ class StreamCall final {
       return;  // The call's signing task takes these items next.
     }
     signing_ = true;
+    const int backlog = static_cast<int>(backlog_.size());
     lock.unlock();
-    // A helper thread signs, never this one: a signature that hangs in the HSM must not hold up
-    // the other calls served by this queue (nor a new stream matched to it).
+    if (!service_.SlowToSign(backlog)) {
+      // Quick signatures (a local token) are made right here, as unary calls are: handing them
+      // to a helper thread costs more than it spares (measured: ~4% of keyd's CPU).
+      SignBacklog();
+      return;
+    }
+    // Slow ones (a remote HSM, RSA on a busy token) go to a helper thread, signed several at
+    // once, and never hold up the other calls served by this queue for long.
     service_.Post([this] { SignBacklog(); });
   }
 

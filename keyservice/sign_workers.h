@@ -3,7 +3,8 @@
 // the socket is the one that calls the HSM and writes the answer: no hand-off between threads.
 // The number of workers is the number of HSM sessions, which bounds the unary signatures in
 // flight; further calls wait in gRPC until a worker is free or their deadline passes. SignStream
-// messages are signed on the service's helper threads (see StreamCall in sign_workers.cc).
+// messages are signed on the worker's thread too when the signatures are quick, else on the
+// service's helper threads (see StreamCall in sign_workers.cc).
 #pragma once
 
 #include <grpcpp/grpcpp.h>

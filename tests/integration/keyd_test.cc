@@ -15,6 +15,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -887,9 +888,81 @@ TEST_F(KeydTest, ServerReflectionListsTheKeyService) {
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
+TEST_F(KeydTest, HealthFollowsTheStandardProtocol) {
+  using grpc::health::v1::HealthCheckRequest;
+  using grpc::health::v1::HealthCheckResponse;
+  auto health = grpc::health::v1::Health::NewStub(Channel("proxy"));
+  auto check = [&](const std::string& service, HealthCheckResponse* out) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    HealthCheckRequest req;
+    req.set_service(service);
+    return health->Check(&ctx, req, out);
+  };
+  for (const std::string service : {"", "custody.v1.KeyService"}) {
+    HealthCheckResponse resp;
+    const grpc::Status st = check(service, &resp);
+    ASSERT_TRUE(st.ok()) << "'" << service << "': " << st.error_message();
+    EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING) << "'" << service << "'";
+  }
+  HealthCheckResponse unknown;
+  EXPECT_EQ(check("no.such.Service", &unknown).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Watch answers at once with the current status (SERVICE_UNKNOWN for an unknown name) and
+  // ends when the client cancels.
+  for (const auto& [service, want] :
+       std::vector<std::pair<std::string, HealthCheckResponse::ServingStatus>>{
+           {"", HealthCheckResponse::SERVING},
+           {"no.such.Service", HealthCheckResponse::SERVICE_UNKNOWN}}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    HealthCheckRequest req;
+    req.set_service(service);
+    auto reader = health->Watch(&ctx, req);
+    HealthCheckResponse first;
+    ASSERT_TRUE(reader->Read(&first)) << "'" << service << "'";
+    EXPECT_EQ(first.status(), want) << "'" << service << "'";
+    ctx.TryCancel();
+    HealthCheckResponse more;
+    while (reader->Read(&more)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+
+  // The health service adds no polling threads (gRPC's built-in one, on the callback API,
+  // starts one per CPU, and they wake for every signing message).
+  const std::string tasks = absl::StrCat("/proc/", keyd_->pid(), "/task");
+  int threads = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(tasks)) {
+    auto comm = ReadFile(entry.path().string() + "/comm");
+    ASSERT_TRUE(comm.ok());
+    EXPECT_EQ(comm->find("nexting"), std::string::npos) << "thread " << *comm;
+    ++threads;
+  }
+  EXPECT_GT(threads, 1);
+}
+
 // Defined last, so it runs last: it stops the shared key service.
 TEST_F(KeydTest, SigtermStopsGracefullyAndTheAuditLogVerifies) {
+  // A health watcher hears NOT_SERVING and its call ends: it does not hold the shutdown up.
+  auto health = grpc::health::v1::Health::NewStub(Channel("proxy"));
+  grpc::ClientContext watch_ctx;
+  watch_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto watch = health->Watch(&watch_ctx, {});
+  grpc::health::v1::HealthCheckResponse first;
+  ASSERT_TRUE(watch->Read(&first));
+  EXPECT_EQ(first.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  std::vector<grpc::health::v1::HealthCheckResponse::ServingStatus> later;
+  std::thread watcher([&] {
+    grpc::health::v1::HealthCheckResponse r;
+    while (watch->Read(&r)) {
+      later.push_back(r.status());
+    }
+  });
   EXPECT_EQ(keyd_->Stop(), 0);
+  watcher.join();
+  EXPECT_EQ(later, std::vector{grpc::health::v1::HealthCheckResponse::NOT_SERVING});
+  EXPECT_NE(watch->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_NE(keyd_->Log().find("custody-keyd: stopped"), std::string::npos) << keyd_->Log();
   auto summary = keyservice::VerifyAuditLog(lab_->Env("CUSTODY_AUDIT_LOG"));
   ASSERT_TRUE(summary.ok()) << summary.status();
