@@ -369,6 +369,13 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+// A batch is signed by the thread that read it when it would take at most this long in turn.
+constexpr int64_t kQuickSignUs = 300;
+
+bool KeyServiceImpl::QuickToSign(int n) const {
+  return sign_avg_us_.load(std::memory_order_relaxed) * n <= kQuickSignUs;
+}
+
 bool KeyServiceImpl::SlowToSign(int n) const {
   if (helpers_ == nullptr) {
     return false;

@@ -121,6 +121,11 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   // cost) to be worth handing to helper threads: spread over several HSM sessions, or kept off
   // a thread that has other calls to read. False when the service has no helpers.
   bool SlowToSign(int n) const;
+  // QuickToSign says whether n signatures take so little time in turn (at the recent average
+  // wall time, at most kQuickSignUs) that the thread that read them should sign them itself:
+  // a hand-off to a helper costs more than it spares (a local token's ECDSA). Longer ones
+  // (RSA, a remote HSM) go to helpers, and the reading thread stays free to read.
+  bool QuickToSign(int n) const;
   // SignEach runs sign_one(0..n-1), on this thread alone or, when n > 1 and SlowToSign(n), with
   // up to n-1 helper threads; it returns once all n have run.
   void SignEach(int n, const std::function<void(int)>& sign_one);
