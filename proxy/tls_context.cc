@@ -276,6 +276,12 @@ absl::StatusOr<std::shared_ptr<const ListenerTls>> ListenerTls::Build(
       return OsslError(absl::StatusCode::kInternal, "SSL_CTX_new_ex");
     }
     CUSTODY_RETURN_IF_ERROR(ApplyTlsSettings("tls", listener.tls(), ctx.get()));
+    if (SSL_CTX_get_num_tickets(ctx.get()) > 0) {
+      if (out->ticket_keys_ == nullptr) {
+        out->ticket_keys_ = TicketKeys::ForListener(listener.name());
+      }
+      out->ticket_keys_->Install(ctx.get());
+    }
     if (SSL_CTX_use_certificate(ctx.get(), (*chain)[0].get()) != 1) {
       return OsslError(absl::StatusCode::kFailedPrecondition,
                        absl::StrCat(what, ": using the leaf certificate of ", source));

@@ -16,6 +16,7 @@
 #include "common/ossl.h"
 #include "custody/v1/proxy_config.pb.h"
 #include "proxy/provider/key_signer.h"
+#include "proxy/ticket_keys.h"
 
 namespace custody::proxy {
 
@@ -27,10 +28,10 @@ namespace custody::proxy {
 
 // ServedCertificate describes one certificate a listener serves (for logs and metrics).
 struct ServedCertificate {
-  std::string key;             // Key-service key name.
-  uint32_t version = 0;        // 0: the active version.
-  std::string subject;         // Leaf subject, one line.
-  int64_t not_after = 0;       // Leaf notAfter, seconds since the epoch.
+  std::string key;        // Key-service key name.
+  uint32_t version = 0;   // 0: the active version.
+  std::string subject;    // Leaf subject, one line.
+  int64_t not_after = 0;  // Leaf notAfter, seconds since the epoch.
   std::vector<std::string> server_names;
   bool is_default = false;
 };
@@ -63,7 +64,8 @@ class ListenerTls {
   SSL_CTX* default_ = nullptr;
   std::unordered_map<std::string, SSL_CTX*> by_name_;  // Lower-case name or "*.parent".
   std::vector<ServedCertificate> served_;
-  std::vector<unsigned char> alpn_wire_;  // ALPN list in wire format (length-prefixed).
+  std::vector<unsigned char> alpn_wire_;     // ALPN list in wire format (length-prefixed).
+  std::shared_ptr<TicketKeys> ticket_keys_;  // Null when the listener issues no tickets.
 };
 
 }  // namespace custody::proxy

@@ -14,11 +14,13 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
                                    connection; prints how
   hold ADDR CA SNI                 open a TLS connection, print "open", then for each stdin line
                                    send it as an HTTP request and print the response's first line
-  resume ADDR CA VERSION           a full handshake (TLS 1.2 or 1.3) and an HTTP request, then a
+  resume ADDR CA VERSION [PID]     a full handshake (TLS 1.2 or 1.3) and an HTTP request, then a
                                    second connection offering its session; prints
-                                   "resumed=True|False"
+                                   "resumed=True|False". With PID: SIGHUP the proxy in between and
+                                   wait for the reload
 """
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -254,9 +256,9 @@ def http_get(sock, path, host):
     return status, body
 
 
-def resume(addr, ca, version):
+def resume(addr, ca, version, reload_pid=None):
     """Connects twice through an HTTP backend: the second connection offers the first one's
-    session (its ticket)."""
+    session (its ticket). With RELOAD_PID, the proxy is reloaded (SIGHUP) in between."""
     ctx = context(ca)
     ctx.maximum_version = ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2)
@@ -271,6 +273,16 @@ def resume(addr, ca, version):
     first.close()
     if reused:
         fail("the first connection was resumed")
+    if reload_pid is not None:
+        name = 'custody_proxy_config_reloads_total{outcome="ok"}'
+        before = proxy_metric(name)
+        os.kill(int(reload_pid), signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while proxy_metric(name) <= before:
+            if time.monotonic() > deadline:
+                fail("the proxy did not reload within 20 s")
+            time.sleep(0.05)
+        ok("the proxy reloaded between the two connections")
     second = ctx.wrap_socket(socket.create_connection(split_addr(addr), timeout=30),
                              server_hostname="ec256.lab.test", session=session)
     status, _ = http_get(second, "/second", "ec256.lab.test")

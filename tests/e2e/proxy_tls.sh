@@ -8,8 +8,9 @@
 # - the proxy reads no private key file but its own key-service credential, and its config
 #   names none (strace lists every file it opens);
 # - its metrics count handshakes, bytes and signatures;
-# - a client resumes with the proxy's session ticket (TLS 1.3 and 1.2) without a signature;
-#   session_tickets: 0 turns resumption off.
+# - a client resumes with the proxy's session ticket (TLS 1.3 and 1.2) without a signature, also
+#   across a reload (the listener keeps its rotating ticket keys); session_tickets: 0 turns
+#   resumption off.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
 e2e_setup
@@ -153,6 +154,9 @@ for v in 1.3 1.2; do
   check "resumption TLS $v: the second connection resumed with the ticket" grep -qx "resumed=True" "$E2E_OUT"
   check "resumption TLS $v: one signature for the two connections" test "$(audit_count)" -eq $((before + 1))
 done
+# The ticket keys belong to the listener, not to one configuration: a reload keeps them.
+run_capture python3 "$E2E_LIB_DIR/proxy_client.py" resume "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 1.3 "$PROXY_PID"
+check "resumption across a reload (SIGHUP): the ticket from before still resumes" grep -qx "resumed=True" "$E2E_OUT"
 e2e_stop_proxy TERM
 sed 's/^    tls:$/    tls:\n      session_tickets: 0/' "$CUSTODY_PROXY_CONFIG" >"$W/proxy-no-tickets.yaml"
 check "resumption: the no-ticket config sets session_tickets: 0" grep -q "session_tickets: 0" \
