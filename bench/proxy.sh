@@ -134,18 +134,13 @@ wait_port() {
 start backend "$CLIENT_CPU" "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEND_ADDR"
 start keyd "$SERVER_CPU" "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
 for _ in $(seq 1 200); do "$BIN/custodyctl" --identity proxy health >/dev/null 2>&1 && break; sleep 0.05; done
-{ echo "workers: 1"; cat "$CUSTODY_PROXY_CONFIG"; } >"$TMP/proxy.yaml"
+PROXY_CONFIG=$CUSTODY_PROXY_CONFIG
 if [ "$TRANSPORT" = unix ]; then
   # keyd on the same host: its Unix socket (callers known by uid), no TLS between the two.
-  [ -n "${CUSTODY_KEYD_SOCKET:-}" ] || { echo "bench/proxy.sh: the lab has no keyd socket" >&2; exit 1; }
-  python3 - "$TMP/proxy.yaml" "$CUSTODY_KEYD_SOCKET" <<'PY2'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r'  addresses: \[.*\]', '  addresses: ["%s"]' % sys.argv[2], text)
-text = re.sub(r'  (ca_file|cert_file|key_file): .*\n', '', text)
-open(sys.argv[1], "w").write(text)
-PY2
+  [ -n "${CUSTODY_PROXY_UNIX_CONFIG:-}" ] || { echo "bench/proxy.sh: the lab has no keyd socket" >&2; exit 1; }
+  PROXY_CONFIG=$CUSTODY_PROXY_UNIX_CONFIG
 fi
+{ echo "workers: 1"; cat "$PROXY_CONFIG"; } >"$TMP/proxy.yaml"
 if [ -n "$TICKETS" ]; then
   # Tickets per full handshake: the proxy's default is 1; nginx (OpenSSL's default) sends 2.
   sed -i "s/^    tls:\$/    tls:\n      session_tickets: $TICKETS/" "$TMP/proxy.yaml"

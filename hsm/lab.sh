@@ -611,16 +611,14 @@ policy:
 EOF
 
 # ---------------------------------------------------------------- proxy.yaml
-step "writing proxy.yaml"
-cat >"$DIR/proxy.yaml" <<EOF
+# proxy_yaml KEY_SERVICE: a proxy configuration serving every lab key, reaching the key service
+# as KEY_SERVICE (the lines of its key_service section) says.
+proxy_yaml() {
+  cat <<EOF
 # custody-proxy configuration written by hsm/lab.sh. No private key of a served identity is
 # named here: each certificate names its key in the key service, which signs in the token.
 key_service:
-  addresses: ["127.0.0.1:$KEYD_PORT"]
-  ca_file: "$DIR/ca.crt"
-  # The proxy's own identity towards the key service (CN=proxy), not a served key.
-  cert_file: "$DIR/identities/proxy.crt"
-  key_file: "$DIR/identities/proxy.key"
+$1
   sign_timeout_ms: 2000
 listeners:
   - name: "lab"
@@ -646,6 +644,17 @@ limits:
 metrics:
   listen: "127.0.0.1:$PROXY_METRICS_PORT"
 EOF
+}
+step "writing proxy.yaml"
+proxy_yaml "  addresses: [\"127.0.0.1:$KEYD_PORT\"]
+  ca_file: \"$DIR/ca.crt\"
+  # The proxy's own identity towards the key service (CN=proxy), not a served key.
+  cert_file: \"$DIR/identities/proxy.crt\"
+  key_file: \"$DIR/identities/proxy.key\"" >"$DIR/proxy.yaml"
+if [ -n "$KEYD_SOCKET" ]; then
+  # The same proxy next to keyd, on its Unix socket (known by uid): no TLS files at all.
+  proxy_yaml "  addresses: [\"unix:$KEYD_SOCKET\"]" >"$DIR/proxy-unix.yaml"
+fi
 
 # ---------------------------------------------------------------- finish
 substep "cleaning up scratch files"
@@ -669,6 +678,7 @@ env_line() { # env_line NAME VALUE COMMENT
   env_line CUSTODY_KEYD_METRICS_ADDR "127.0.0.1:$METRICS_PORT" "key service metrics address"
   if [ -n "$KEYD_SOCKET" ]; then
     env_line CUSTODY_KEYD_SOCKET "unix:$KEYD_SOCKET" "key service Unix socket (same-host callers, known by uid)"
+    env_line CUSTODY_PROXY_UNIX_CONFIG "$DIR/proxy-unix.yaml" "custody-proxy configuration reaching keyd over its Unix socket"
   fi
   env_line CUSTODY_PROXY_CONFIG "$DIR/proxy.yaml" "custody-proxy configuration"
   env_line CUSTODY_PROXY_ADDR "127.0.0.1:$PROXY_PORT" "custody-proxy TLS listener"

@@ -174,24 +174,16 @@ e2e_start_proxy
 
 # ---------------------------------------------------------------- same host: keyd's Unix socket
 # keyd knows the proxy by its uid (SO_PEERCRED): the proxy then needs no TLS files at all.
-if [[ -n "${CUSTODY_KEYD_SOCKET:-}" ]]; then
+if [[ -n "${CUSTODY_PROXY_UNIX_CONFIG:-}" ]]; then
   e2e_stop_proxy TERM
-  python3 - "$CUSTODY_PROXY_CONFIG" "$CUSTODY_KEYD_SOCKET" >"$W/proxy-unix.yaml" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r'  addresses: \[.*\]', '  addresses: ["%s"]' % sys.argv[2], text)
-text = re.sub(r'  (ca_file|cert_file|key_file): .*\n', '', text)
-text = re.sub(r'  # The proxy.s own identity.*\n', '', text)
-sys.stdout.write(text)
-EOF
-  check "unix: the proxy config names no key file" file_lacks "$W/proxy-unix.yaml" "key_file"
+  check "unix: the proxy config names no key file" file_lacks "$CUSTODY_PROXY_UNIX_CONFIG" "key_file"
   check "unix: the proxy config names keyd's socket" grep -q "addresses: \[\"$CUSTODY_KEYD_SOCKET\"\]" \
-    "$W/proxy-unix.yaml"
+    "$CUSTODY_PROXY_UNIX_CONFIG"
   TRACE=()
   if strace -V >/dev/null 2>&1 && strace -f -qq -e trace=none true 2>/dev/null; then
     TRACE=(strace -f -qq -e trace=open,openat -o "$W/strace-unix.out")
   fi
-  "${TRACE[@]}" "$PROXY" --config "$W/proxy-unix.yaml" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
+  "${TRACE[@]}" "$PROXY" --config "$CUSTODY_PROXY_UNIX_CONFIG" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
   UNIX_PID=$!
   wait_tcp "$CUSTODY_PROXY_ADDR" 20 || fail "proxy over keyd's Unix socket did not listen"
   PROXY_PID=$UNIX_PID
