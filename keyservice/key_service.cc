@@ -81,12 +81,10 @@ std::map<std::string, std::vector<hsm::KeyVersionInfo>> Grouped(const hsm::KeyBa
   return out;
 }
 
-}  // namespace
-
-namespace {
 // Set once before serving (SetUnixSocketCaller), read-only afterwards.
 std::string g_unix_identity;
 std::string g_unix_label;
+
 }  // namespace
 
 void SetUnixSocketCaller(std::string identity, std::string label) {

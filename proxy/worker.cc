@@ -294,16 +294,8 @@ void Worker::Run() {
         case Watch::Kind::kListener:
           OnAccept(watch->listener);
           break;
-        default: {
-          Connection& conn = *watch->conn;
-          if (conn.abandoned) {
-            if (watch->kind == Watch::Kind::kAsync) {
-              Handshake(conn);  // The job can finish now; the connection is freed then.
-            }
-          } else if (!conn.closed) {
-            OnEvent(watch, events[i].events);
-          }
-        }
+        default:
+          OnConnectionEvent(watch, events[i].events);
       }
     }
     // Relays that used up their quota continue here, after everyone else had a turn.
@@ -415,12 +407,18 @@ void Worker::OnReady() {
     if (it == by_id_.end()) {
       continue;  // Gone already.
     }
-    Connection& c = *it->second;
-    if (c.abandoned) {
+    OnConnectionEvent(&it->second->async_watch, EPOLLIN);
+  }
+}
+
+void Worker::OnConnectionEvent(Watch* watch, uint32_t events) {
+  Connection& c = *watch->conn;
+  if (c.abandoned) {
+    if (watch->kind == Watch::Kind::kAsync) {
       Handshake(c);  // The job can finish now; the connection is freed then.
-    } else if (!c.closed) {
-      OnEvent(&c.async_watch, EPOLLIN);
     }
+  } else if (!c.closed) {
+    OnEvent(watch, events);
   }
 }
 

@@ -79,6 +79,9 @@ class Worker {
   // OnReady resumes the paused handshakes queued by NotifyReady.
   void OnReady();
   void OnAccept(size_t listener);
+  // OnConnectionEvent routes an event (or a signature's answer, as kAsync) of a connection's
+  // watch: an abandoned connection only finishes its job; a closed one takes nothing more.
+  void OnConnectionEvent(Watch* watch, uint32_t events);
   void OnEvent(Watch* watch, uint32_t events);
   void Handshake(Connection& c);
   void StartBackend(Connection& c);

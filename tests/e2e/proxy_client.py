@@ -239,10 +239,10 @@ def relay(addr, ca, size="1048576", sni="ec256.lab.test"):
     ok(f"{size} bytes relayed both ways, unchanged")
 
 
-def http_get(sock, path, host):
-    """One HTTP/1.1 request on a keep-alive connection; returns the status line and body."""
+def http_get(sock, f, path, host):
+    """One HTTP/1.1 request on a keep-alive connection (f: the socket's reader, kept across
+    requests); returns the status line and body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    f = sock.makefile("rb")
     status = f.readline().decode().strip()
     length = 0
     while True:
@@ -252,7 +252,6 @@ def http_get(sock, path, host):
         if h.lower().startswith("content-length:"):
             length = int(h.split(":")[1])
     body = f.read(length).decode().strip()
-    f.close()
     return status, body
 
 
@@ -265,7 +264,7 @@ def resume(addr, ca, version, reload_pid=None):
     first = ctx.wrap_socket(socket.create_connection(split_addr(addr), timeout=30),
                             server_hostname="ec256.lab.test")
     # TLS 1.3 tickets arrive after the handshake: a request and its answer read them.
-    status, _ = http_get(first, "/first", "ec256.lab.test")
+    status, _ = http_get(first, first.makefile("rb"), "/first", "ec256.lab.test")
     if " 200" not in status:
         fail(f"first connection: {status!r}")
     session = first.session
@@ -285,7 +284,7 @@ def resume(addr, ca, version, reload_pid=None):
         ok("the proxy reloaded between the two connections")
     second = ctx.wrap_socket(socket.create_connection(split_addr(addr), timeout=30),
                              server_hostname="ec256.lab.test", session=session)
-    status, _ = http_get(second, "/second", "ec256.lab.test")
+    status, _ = http_get(second, second.makefile("rb"), "/second", "ec256.lab.test")
     if " 200" not in status:
         fail(f"second connection: {status!r}")
     print(f"resumed={second.session_reused}", flush=True)
@@ -364,17 +363,7 @@ def hold(addr, ca, sni):
     print("open", flush=True)
     f = s.makefile("rb")
     for line in sys.stdin:
-        path = line.strip()
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
-        status = f.readline().decode().strip()
-        length = 0
-        while True:
-            h = f.readline().decode().strip()
-            if not h:
-                break
-            if h.lower().startswith("content-length:"):
-                length = int(h.split(":")[1])
-        body = f.read(length).decode().strip()
+        status, body = http_get(s, f, line.strip(), sni)
         print(f"{status} | {body}", flush=True)
     s.close()
 

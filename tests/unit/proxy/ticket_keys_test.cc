@@ -26,21 +26,26 @@ struct Call {
   std::array<unsigned char, EVP_MAX_IV_LENGTH> iv{};
 };
 
-// Seal encrypts and MACs `plain` as a ticket would be; returns the key name used.
+// Crypt runs `in` through the cipher Use set up on `call` (sealing or opening, as Use was told).
+std::string Crypt(Call& call, const std::string& in) {
+  std::string out(in.size() + EVP_MAX_BLOCK_LENGTH, '\0');
+  auto* dst = reinterpret_cast<unsigned char*>(out.data());
+  int n = 0;
+  int m = 0;
+  EXPECT_EQ(EVP_CipherUpdate(call.cipher.get(), dst, &n,
+                             reinterpret_cast<const unsigned char*>(in.data()),
+                             static_cast<int>(in.size())),
+            1);
+  EXPECT_EQ(EVP_CipherFinal_ex(call.cipher.get(), dst + n, &m), 1);
+  out.resize(static_cast<size_t>(n + m));
+  return out;
+}
+
+// Seal encrypts `plain` as a ticket would be; returns the key name used.
 Name Seal(TicketKeys& keys, const std::string& plain, std::string* sealed, Call& call) {
   Name name{};
   EXPECT_EQ(keys.Use(name.data(), call.iv.data(), call.cipher.get(), call.mac.get(), 1), 1);
-  sealed->assign(plain.size() + 32, '\0');
-  int n = 0;
-  int m = 0;
-  EXPECT_EQ(EVP_EncryptUpdate(call.cipher.get(), reinterpret_cast<unsigned char*>(sealed->data()),
-                              &n, reinterpret_cast<const unsigned char*>(plain.data()),
-                              static_cast<int>(plain.size())),
-            1);
-  EXPECT_EQ(EVP_EncryptFinal_ex(call.cipher.get(),
-                                reinterpret_cast<unsigned char*>(sealed->data()) + n, &m),
-            1);
-  sealed->resize(static_cast<size_t>(n + m));
+  *sealed = Crypt(call, plain);
   return name;
 }
 
@@ -50,20 +55,9 @@ int Open(TicketKeys& keys, Name name, const std::array<unsigned char, EVP_MAX_IV
   Call call;
   call.iv = iv;
   const int r = keys.Use(name.data(), call.iv.data(), call.cipher.get(), call.mac.get(), 0);
-  if (r <= 0) {
-    return r;
+  if (r > 0) {
+    *plain = Crypt(call, sealed);
   }
-  plain->assign(sealed.size() + 32, '\0');
-  int n = 0;
-  int m = 0;
-  EXPECT_EQ(EVP_DecryptUpdate(call.cipher.get(), reinterpret_cast<unsigned char*>(plain->data()),
-                              &n, reinterpret_cast<const unsigned char*>(sealed.data()),
-                              static_cast<int>(sealed.size())),
-            1);
-  EXPECT_EQ(EVP_DecryptFinal_ex(call.cipher.get(),
-                                reinterpret_cast<unsigned char*>(plain->data()) + n, &m),
-            1);
-  plain->resize(static_cast<size_t>(n + m));
   return r;
 }
 
