@@ -14,9 +14,16 @@
 
 namespace custody {
 
+// StopExposer deletes an Exposer without civetweb's wait of up to 2 s (see the .cc).
+struct StopExposer {
+  std::string host;  // Where the endpoint answers: its listen host, loopback for a wildcard.
+  uint16_t port = 0;
+  void operator()(prometheus::Exposer* exposer) const;
+};
+
 // MetricsEndpoint is a running /metrics HTTP endpoint.
 struct MetricsEndpoint {
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<prometheus::Exposer, StopExposer> exposer;
   uint16_t port = 0;  // The bound port (useful when `listen` asked for port 0).
 };
 
