@@ -251,18 +251,15 @@ grpc::Status KeyServiceImpl::SignFor(const Caller& caller, absl::Time call_deadl
   }
   record.latency_us = Micros(start);
   if (result.ok()) {
-    // Cheap running averages (1/8 weight) of a signature's time, and of the part of it spent
-    // off this thread's CPU (waiting for the HSM), for SlowToSign.
-    const int64_t avg = sign_avg_us_.load(std::memory_order_relaxed);
-    sign_avg_us_.store(avg + (record.latency_us - avg) / 8, std::memory_order_relaxed);
-    // Time off the CPU counts as waiting only if the thread blocked; time spent preempted by
-    // other threads on a busy CPU is not something more threads would overlap.
+    // The signature's time, and the part of it spent off this thread's CPU (waiting for the
+    // HSM), for QuickToSign and SlowToSign. Time off the CPU counts as waiting only if the
+    // thread blocked; time spent preempted by other threads on a busy CPU is not something
+    // more threads would overlap.
     const int64_t wait_us =
         after.waits > before.waits
             ? std::max<int64_t>(0, record.latency_us - (after.cpu_us - before.cpu_us))
             : 0;
-    const int64_t wait_avg = sign_wait_avg_us_.load(std::memory_order_relaxed);
-    sign_wait_avg_us_.store(wait_avg + (wait_us - wait_avg) / 8, std::memory_order_relaxed);
+    costs_.Record(request->key_name(), {record.latency_us, wait_us});
   }
   absl::StatusOr<std::string> id = audit_.Append(record);
   // Metric labels take the key name only for keys that exist and that the caller may use:
@@ -357,7 +354,11 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   // caches its auth context on first use) and the requests may be signed on several threads.
   const Caller caller = CallerOf(*context);
   const absl::Time call_deadline = absl::FromChrono(context->deadline());
-  SignEach(n, [&](int i) {
+  SignCosts::Cost total;
+  for (const custody::v1::SignRequest& r : request->requests()) {
+    total += CostOf(r.key_name());
+  }
+  SignEach(n, total, [&](int i) {
     custody::v1::SignOutcome* outcome = response->mutable_outcomes(i);
     const grpc::Status st =
         SignFor(caller, call_deadline, &request->requests(i), outcome->mutable_response());
@@ -370,19 +371,17 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
 // A batch is signed by the thread that read it when it would take at most this long in turn.
 constexpr int64_t kQuickSignUs = 300;
 
-bool KeyServiceImpl::QuickToSign(int n) const {
-  return sign_avg_us_.load(std::memory_order_relaxed) * n <= kQuickSignUs;
+bool KeyServiceImpl::QuickToSign(const SignCosts::Cost& total) {
+  return total.time_us <= kQuickSignUs;
 }
 
-bool KeyServiceImpl::SlowToSign(int n) const {
+bool KeyServiceImpl::SlowToSign(const SignCosts::Cost& total) const {
   if (helpers_ == nullptr) {
     return false;
   }
   // Waiting (a network HSM, a slow token) overlaps on any machine; signing that is CPU work in
   // this process (SoftHSM) overlaps only when the process may use more than one CPU.
-  const int64_t per_sign = multi_cpu_ ? sign_avg_us_.load(std::memory_order_relaxed)
-                                      : sign_wait_avg_us_.load(std::memory_order_relaxed);
-  return per_sign * n >= kParallelBatchUs;
+  return (multi_cpu_ ? total.time_us : total.wait_us) >= kParallelBatchUs;
 }
 
 void KeyServiceImpl::Post(std::function<void()> task) {
@@ -393,10 +392,11 @@ void KeyServiceImpl::Post(std::function<void()> task) {
   helpers_->Post(std::move(task));
 }
 
-void KeyServiceImpl::SignEach(int n, const std::function<void(int)>& sign_one) {
+void KeyServiceImpl::SignEach(int n, const SignCosts::Cost& total,
+                              const std::function<void(int)>& sign_one) {
   // Signing in parallel costs thread hand-offs; it pays only when the batch would take long in
   // turn (a slow HSM, RSA, a big batch), not for a few fast signatures.
-  if (n <= 1 || !SlowToSign(n)) {
+  if (n <= 1 || !SlowToSign(total)) {
     for (int i = 0; i < n; ++i) {
       sign_one(i);
     }

@@ -26,6 +26,7 @@
 #include "keyservice/limits.h"
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
+#include "keyservice/sign_costs.h"
 
 namespace custody::keyservice {
 
@@ -117,18 +118,22 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   grpc::Status SignStreamItem(const Caller& caller, absl::Time received,
                               const custody::v1::SignStreamItem& item,
                               custody::v1::SignOutcome* outcome);
-  // SlowToSign says whether n signatures would take long enough in turn (at the recent average
-  // cost) to be worth handing to helper threads: spread over several HSM sessions, or kept off
-  // a thread that has other calls to read. False when the service has no helpers.
-  bool SlowToSign(int n) const;
-  // QuickToSign says whether n signatures take so little time in turn (at the recent average
-  // wall time, at most kQuickSignUs) that the thread that read them should sign them itself:
-  // a hand-off to a helper costs more than it spares (a local token's ECDSA). Longer ones
-  // (RSA, a remote HSM) go to helpers, and the reading thread stays free to read.
-  bool QuickToSign(int n) const;
-  // SignEach runs sign_one(0..n-1), on this thread alone or, when n > 1 and SlowToSign(n), with
-  // up to n-1 helper threads; it returns once all n have run.
-  void SignEach(int n, const std::function<void(int)>& sign_one);
+  // CostOf is what a signature with `key` has recently cost (see SignCosts). Sum it over the
+  // requests of a batch for QuickToSign, SlowToSign and SignEach.
+  SignCosts::Cost CostOf(absl::string_view key) const { return costs_.Of(key); }
+  // SlowToSign says whether signatures of this total cost, made in turn, would take long enough
+  // to be worth handing to helper threads: spread over several HSM sessions, or kept off a
+  // thread that has other calls to read. False when the service has no helpers.
+  bool SlowToSign(const SignCosts::Cost& total) const;
+  // QuickToSign says whether signatures of this total cost take so little time in turn (at most
+  // kQuickSignUs) that the thread that read them should sign them itself: a hand-off to a helper
+  // costs more than it spares (a local token's ECDSA). Longer ones (RSA, a remote HSM) go to
+  // helpers, and the reading thread stays free to read.
+  static bool QuickToSign(const SignCosts::Cost& total);
+  // SignEach runs sign_one(0..n-1), whose signatures cost `total` together, on this thread alone
+  // or, when n > 1 and SlowToSign(total), with up to n-1 helper threads; it returns once all n
+  // have run.
+  void SignEach(int n, const SignCosts::Cost& total, const std::function<void(int)>& sign_one);
   // Post runs `task` on a helper thread (inline when the service has none).
   void Post(std::function<void()> task);
 
@@ -161,10 +166,7 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   KeydMetrics& metrics_;
   const ServiceLimits limits_;
   std::unique_ptr<BatchHelpers> helpers_;  // Null when batches are signed in turn.
-  // Running averages of a successful signature's time in the service, and of the part of it
-  // spent off the CPU, in microseconds.
-  std::atomic<int64_t> sign_avg_us_{0};
-  std::atomic<int64_t> sign_wait_avg_us_{0};
+  SignCosts costs_;                        // Recent cost of a signature, per key.
   const bool multi_cpu_ = UsesSeveralCpus();
 };
 

@@ -197,9 +197,12 @@ class StreamCall final {
       return;  // The call's signing task takes these items next.
     }
     signing_ = true;
-    const int backlog = static_cast<int>(backlog_.size());
+    SignCosts::Cost backlog;
+    for (const Backlogged& b : backlog_) {
+      backlog += service_.CostOf(b.item.request().key_name());
+    }
     lock.unlock();
-    if (service_.QuickToSign(backlog)) {
+    if (KeyServiceImpl::QuickToSign(backlog)) {
       // Quick signatures (ECDSA in a local token) are made right here, as unary calls are:
       // handing them to a helper thread costs more than it spares (measured: ~4% of keyd's
       // CPU per ECDSA signature).
@@ -220,11 +223,13 @@ class StreamCall final {
   void SignBacklog() {
     for (;;) {
       std::vector<Backlogged> batch;
+      SignCosts::Cost cost;
       {
         std::lock_guard<std::mutex> lock(mu_);
         while (!backlog_.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
           batch.push_back(std::move(backlog_.front()));
           backlog_.pop_front();
+          cost += service_.CostOf(batch.back().item.request().key_name());
         }
         if (batch.empty()) {
           signing_ = false;
@@ -232,7 +237,7 @@ class StreamCall final {
           return;
         }
       }
-      service_.SignEach(static_cast<int>(batch.size()), [&](int i) {
+      service_.SignEach(static_cast<int>(batch.size()), cost, [&](int i) {
         custody::v1::SignStreamResult result;
         result.set_id(batch[i].item.id());
         service_.SignStreamItem(caller_, batch[i].received, batch[i].item,
