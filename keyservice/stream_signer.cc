@@ -94,7 +94,8 @@ class StreamSigner::Stream {
 };
 
 StreamSigner::StreamSigner(std::shared_ptr<grpc::Channel> channel, int lanes)
-    : stub_(custody::v1::KeyService::NewStub(channel)),
+    : channel_(channel),
+      stub_(custody::v1::KeyService::NewStub(channel)),
       lanes_(static_cast<std::size_t>(std::max(1, lanes)), nullptr),
       poller_([this] { Poll(); }) {}
 
@@ -211,6 +212,7 @@ void StreamSigner::Poll() {
       return;
     }
     std::unique_lock<std::mutex> lock(mu_);
+    bool replica_left = false;  // A stream that was up has ended.
     const absl::Time now = absl::Now();
     if (now >= next_expiry) {
       ExpireLocked(now, answers);
@@ -269,6 +271,7 @@ void StreamSigner::Poll() {
           for (auto& [id, p] : s->pending) {
             answers.push_back({std::move(p.done), st, {}});
           }
+          replica_left = s->started && !stopping_;
           DetachLocked(s);
           streams_.erase(std::find(streams_.begin(), streams_.end(), s));
           delete s;
@@ -287,6 +290,14 @@ void StreamSigner::Poll() {
       }
     }
     lock.unlock();
+    if (replica_left) {
+      // The replica behind this stream went away (drained, stopped, connection lost). Another
+      // one may have come back a moment ago (a rolling restart) while its connection is still in
+      // reconnect backoff (up to a second): try every address now, so that signatures do not
+      // fail meanwhile. Only streams that were up trigger this, so a key service that is down
+      // altogether is not dialled once per request.
+      grpc::experimental::ChannelResetConnectionBackoff(channel_.get());
+    }
     Deliver(answers);
   }
 }

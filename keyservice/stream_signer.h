@@ -73,6 +73,7 @@ class StreamSigner {
   void ExpireLocked(absl::Time now, std::vector<Answer>& answers);
   static void Deliver(std::vector<Answer>& answers);
 
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<custody::v1::KeyService::Stub> stub_;
 
   std::mutex mu_;  // Guards what follows, and every Stream's state.
