@@ -280,19 +280,20 @@ bool Pkcs11KeyBackend::HasKey(const std::string& name) const {
   return Snapshot()->count(name) != 0;
 }
 
-absl::StatusOr<Pkcs11KeyBackend::Entry> Pkcs11KeyBackend::FindEntry(const std::string& name,
-                                                                    uint32_t version) const {
-  const std::shared_ptr<const Inventory> inv = Snapshot();
+absl::StatusOr<Pkcs11KeyBackend::EntryRef> Pkcs11KeyBackend::FindEntry(const std::string& name,
+                                                                       uint32_t version) const {
+  std::shared_ptr<const Inventory> inv = Snapshot();
   auto it = inv->find(name);
   if (it == inv->end() || it->second.empty()) {
     return absl::NotFoundError(absl::StrCat("no key named '", name, "'"));
   }
   if (version == 0) {
-    return it->second.back();
+    const Entry* latest = &it->second.back();
+    return EntryRef{std::move(inv), latest};
   }
   for (const Entry& e : it->second) {
     if (e.info.version == version) {
-      return e;
+      return EntryRef{std::move(inv), &e};
     }
   }
   return absl::NotFoundError(absl::StrCat("key '", name, "' has no version ", version));
@@ -346,7 +347,8 @@ CK_RV Pkcs11KeyBackend::SignOnce(CK_SESSION_HANDLE s, const Entry& entry, const 
 
 absl::StatusOr<SignResult> Pkcs11KeyBackend::Sign(const std::string& name, uint32_t version,
                                                   const SignInput& input, absl::Time deadline) {
-  CUSTODY_ASSIGN_OR_RETURN(const Entry entry, FindEntry(name, version));
+  CUSTODY_ASSIGN_OR_RETURN(const EntryRef ref, FindEntry(name, version));
+  const Entry& entry = *ref.entry;
   if (!SchemeSuitsKey(input.scheme, entry.info.type)) {
     std::vector<std::string> can;
     for (SignatureScheme s : SchemesForKey(entry.info.type)) {
@@ -404,7 +406,8 @@ absl::Status Pkcs11KeyBackend::SimulateTokenReset() {
 
 absl::StatusOr<KeyObjectAttributes> Pkcs11KeyBackend::ReadKeyAttributes(const std::string& name,
                                                                         uint32_t version) {
-  CUSTODY_ASSIGN_OR_RETURN(const Entry entry, FindEntry(name, version));
+  CUSTODY_ASSIGN_OR_RETURN(const EntryRef ref, FindEntry(name, version));
+  const Entry& entry = *ref.entry;
   CUSTODY_ASSIGN_OR_RETURN(SessionPool::Lease lease,
                            pool_->Acquire(absl::Now() + kInventoryTimeout));
   CK_FUNCTION_LIST* fn = pool_->module()->fn();

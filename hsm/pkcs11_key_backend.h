@@ -73,7 +73,13 @@ class Pkcs11KeyBackend final : public KeyBackend {
 
   absl::StatusOr<Inventory> LoadInventory();
   std::shared_ptr<const Inventory> Snapshot() const;
-  absl::StatusOr<Entry> FindEntry(const std::string& name, uint32_t version) const;
+  // EntryRef is an inventory entry found for one call, without copying it (its certificate
+  // chain and public key are kilobytes): the snapshot keeps it alive.
+  struct EntryRef {
+    std::shared_ptr<const Inventory> snapshot;
+    const Entry* entry = nullptr;
+  };
+  absl::StatusOr<EntryRef> FindEntry(const std::string& name, uint32_t version) const;
   // SignOnce makes one attempt; the CK_RV tells the caller whether to recover and retry.
   CK_RV SignOnce(CK_SESSION_HANDLE s, const Entry& entry, const SignInput& input,
                  std::vector<uint8_t>* out);
