@@ -9,12 +9,17 @@
 #include <chrono>
 #include <exception>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/config_check.h"
 
 namespace custody {
 namespace {
+
+// The endpoint's worker threads, and how long each waits for a client's request.
+constexpr int kWorkers = 2;
+constexpr int kRequestTimeoutMs = 10000;
 
 // How often StopExposer knocks while civetweb stops.
 constexpr auto kKnockInterval = std::chrono::milliseconds(20);
@@ -70,7 +75,13 @@ absl::StatusOr<MetricsEndpoint> ServeMetrics(
   MetricsEndpoint endpoint;
   try {
     // prometheus-cpp (civetweb) reports a failed bind by exception; it stops here.
-    endpoint.exposer.reset(new prometheus::Exposer(listen, /*num_threads=*/1));
+    // civetweb serves one connection per worker thread and waits up to request_timeout_ms
+    // (30 s by default) for a request: with one worker, a client that connects and says nothing
+    // held every scrape up for 30 s. Two workers, and a request must arrive within 10 s
+    // (Prometheus's default scrape timeout).
+    endpoint.exposer.reset(new prometheus::Exposer(
+        std::vector<std::string>{"listening_ports", listen, "num_threads", std::to_string(kWorkers),
+                                 "request_timeout_ms", std::to_string(kRequestTimeoutMs)}));
   } catch (const std::exception& e) {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <prometheus/counter.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <string>
@@ -32,6 +33,9 @@ std::string Get(uint16_t port) {
   if (fd < 0) {
     return "";
   }
+  // A guard against a hang, not a timing check: an answer comes in milliseconds or never.
+  const timeval guard{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &guard, sizeof guard);
   const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
   (void)::write(fd, req.data(), req.size());
   std::string out;
@@ -60,6 +64,18 @@ TEST(MetricsEndpointTest, ServesTheRegistryAndLetsGoOfThePortWhenDestroyed) {
     endpoint->exposer.reset();
     EXPECT_LT(Connect(port), 0) << "the port still accepts after the endpoint stopped";
   }
+}
+
+TEST(MetricsEndpointTest, AClientThatSaysNothingDoesNotHoldScrapesUp) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  prometheus::BuildCounter().Name("custody_test_total").Help("a test").Register(*registry).Add({});
+  auto endpoint = ServeMetrics("127.0.0.1:0", registry);
+  ASSERT_TRUE(endpoint.ok()) << endpoint.status();
+  const int silent = Connect(endpoint->port);  // Connects, never sends a request.
+  ASSERT_GE(silent, 0);
+  EXPECT_NE(Get(endpoint->port).find("custody_test_total 0"), std::string::npos)
+      << "a scrape waited behind a silent client";
+  ::close(silent);
 }
 
 TEST(MetricsEndpointTest, AnAddressInUseIsRefusedByName) {
