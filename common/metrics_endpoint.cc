@@ -5,9 +5,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <cstring>
 #include <exception>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -24,49 +27,76 @@ constexpr int kRequestTimeoutMs = 10000;
 // How often StopExposer knocks while civetweb stops.
 constexpr auto kKnockInterval = std::chrono::milliseconds(20);
 
-// Knock opens and closes one connection to host:port without waiting for it.
-void Knock(const addrinfo& ai) {
-  const int fd =
-      ::socket(ai.ai_family, ai.ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol);
+// Knock opens and closes one connection to `addr` without waiting for it.
+void Knock(const sockaddr_storage& addr) {
+  const socklen_t len = addr.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+  const int fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     return;
   }
-  (void)::connect(fd, ai.ai_addr, ai.ai_addrlen);
+  (void)::connect(fd, reinterpret_cast<const sockaddr*>(&addr), len);
   ::close(fd);
+}
+
+// Resolve lists the addresses of host:port (every family the name has: civetweb may listen on
+// either of localhost's).
+std::vector<sockaddr_storage> Resolve(const std::string& host, uint16_t port) {
+  std::vector<sockaddr_storage> out;
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (port == 0 || ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) {
+    return out;
+  }
+  for (const addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
+    if ((ai->ai_family == AF_INET || ai->ai_family == AF_INET6) &&
+        ai->ai_addrlen <= sizeof(sockaddr_storage)) {
+      sockaddr_storage addr{};
+      std::memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
+      out.push_back(addr);
+    }
+  }
+  ::freeaddrinfo(found);
+  return out;
 }
 
 }  // namespace
 
 // civetweb's listening thread polls its sockets in quanta of 2 s and looks at the stop flag only
 // between them, so deleting an idle Exposer (mg_stop) takes up to 2 s: every SIGTERM of keyd or
-// the proxy paid it after draining. A connection ends the poll at once; knock until the delete
-// returns (a knock that lands before the flag is set is served like any request).
-void StopExposer::operator()(prometheus::Exposer* exposer) const {
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
-  addrinfo* found = nullptr;
-  const std::string service = std::to_string(port);
-  if (port == 0 || ::getaddrinfo(host.c_str(), service.c_str(), &hints, &found) != 0) {
-    found = nullptr;
-  }
-  std::atomic<bool> stopped{false};
+// the proxy paid it after draining. A connection ends the poll at once: knock until the delete
+// returns. (civetweb closes a knock that lands before the flag is set without a word, as a
+// client that sent no request.) A worker waiting on a client's open connection still holds the
+// stop up to 2 s; knocks cannot reach it.
+void StopExposer::operator()(prometheus::Exposer* exposer) const noexcept {
+  std::mutex mu;
+  std::condition_variable wake;
+  bool stopped = false;
   std::thread knocker;
-  if (found != nullptr) {
-    knocker = std::thread([&] {
-      while (!stopped.load()) {
-        Knock(*found);
-        std::this_thread::sleep_for(kKnockInterval);
-      }
-    });
+  if (!addresses.empty()) {
+    try {
+      knocker = std::thread([&] {
+        std::unique_lock<std::mutex> lock(mu);
+        while (!stopped) {
+          for (const sockaddr_storage& addr : addresses) {
+            Knock(addr);
+          }
+          wake.wait_for(lock, kKnockInterval);
+        }
+      });
+    } catch (const std::system_error&) {
+      // No thread to spare: a plain stop, up to 2 s.
+    }
   }
   delete exposer;
-  stopped = true;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stopped = true;
+  }
+  wake.notify_all();
   if (knocker.joinable()) {
     knocker.join();
-  }
-  if (found != nullptr) {
-    ::freeaddrinfo(found);
   }
 }
 
@@ -89,16 +119,16 @@ absl::StatusOr<MetricsEndpoint> ServeMetrics(
   endpoint.exposer->RegisterCollectable(registry);
   const auto ports = endpoint.exposer->GetListeningPorts();
   endpoint.port = ports.empty() ? uint16_t{0} : static_cast<uint16_t>(ports.front());
-  StopExposer& stop = endpoint.exposer.get_deleter();
-  stop.port = endpoint.port;
+  std::string host;
   if (auto hp = ParseHostPort(listen, /*allow_zero_port=*/true); hp.ok()) {
-    stop.host = hp->host;
+    host = hp->host;
   }
-  if (stop.host.empty() || stop.host == "0.0.0.0" || stop.host == "*") {
-    stop.host = "127.0.0.1";
-  } else if (stop.host == "::") {
-    stop.host = "::1";
+  if (host.empty() || host == "0.0.0.0" || host == "*") {
+    host = "127.0.0.1";
+  } else if (host == "::") {
+    host = "::1";
   }
+  endpoint.exposer.get_deleter().addresses = Resolve(host, endpoint.port);
   return endpoint;
 }
 

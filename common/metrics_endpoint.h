@@ -5,10 +5,12 @@
 #include <prometheus/exposer.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <sys/socket.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -16,9 +18,9 @@ namespace custody {
 
 // StopExposer deletes an Exposer without civetweb's wait of up to 2 s (see the .cc).
 struct StopExposer {
-  std::string host;  // Where the endpoint answers: its listen host, loopback for a wildcard.
-  uint16_t port = 0;
-  void operator()(prometheus::Exposer* exposer) const;
+  // The endpoint's own addresses, resolved when it started; knocked on while it stops.
+  std::vector<sockaddr_storage> addresses;
+  void operator()(prometheus::Exposer* exposer) const noexcept;
 };
 
 // MetricsEndpoint is a running /metrics HTTP endpoint.

@@ -296,8 +296,8 @@ void SetOutcomeStatus(const grpc::Status& status, custody::v1::SignOutcome* outc
   }
 }
 
-// A batch is signed in parallel when, at the recent average cost per signature, it would take
-// at least this long in turn.
+// A batch is signed in parallel when, at its keys' recent costs, it would take at least this
+// long in turn.
 constexpr int64_t kParallelBatchUs = 1000;
 
 BatchHelpers::BatchHelpers(std::size_t threads) {
@@ -354,10 +354,9 @@ grpc::Status KeyServiceImpl::HandleSignBatch(grpc::ServerContext* context,
   // caches its auth context on first use) and the requests may be signed on several threads.
   const Caller caller = CallerOf(*context);
   const absl::Time call_deadline = absl::FromChrono(context->deadline());
-  SignCosts::Cost total;
-  for (const custody::v1::SignRequest& r : request->requests()) {
-    total += CostOf(r.key_name());
-  }
+  const SignCosts::Cost total =
+      CostOf(request->requests(),
+             [](const custody::v1::SignRequest& r) -> const std::string& { return r.key_name(); });
   SignEach(n, total, [&](int i) {
     custody::v1::SignOutcome* outcome = response->mutable_outcomes(i);
     const grpc::Status st =

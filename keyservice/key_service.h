@@ -121,6 +121,11 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   // CostOf is what a signature with `key` has recently cost (see SignCosts). Sum it over the
   // requests of a batch for QuickToSign, SlowToSign and SignEach.
   SignCosts::Cost CostOf(absl::string_view key) const { return costs_.Of(key); }
+  // CostOf sums CostOf(key_of(item)) over `items`.
+  template <typename Items, typename KeyOf>
+  SignCosts::Cost CostOf(const Items& items, KeyOf key_of) const {
+    return costs_.Sum(items, key_of);
+  }
   // SlowToSign says whether signatures of this total cost, made in turn, would take long enough
   // to be worth handing to helper threads: spread over several HSM sessions, or kept off a
   // thread that has other calls to read. False when the service has no helpers.

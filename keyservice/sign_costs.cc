@@ -1,5 +1,7 @@
 #include "keyservice/sign_costs.h"
 
+#include <algorithm>
+
 namespace custody::keyservice {
 
 void SignCosts::Blend(Cost& avg, const Cost& sample) {
@@ -7,7 +9,9 @@ void SignCosts::Blend(Cost& avg, const Cost& sample) {
   avg.wait_us += (sample.wait_us - avg.wait_us) / 8;
 }
 
-void SignCosts::Record(absl::string_view key, const Cost& cost) {
+void SignCosts::Record(absl::string_view key, Cost cost) {
+  cost.time_us = std::max<int64_t>(cost.time_us, 0);
+  cost.wait_us = std::max<int64_t>(cost.wait_us, 0);
   absl::MutexLock lock(&mu_);
   Blend(all_, cost);
   auto it = by_key_.find(key);
@@ -25,6 +29,10 @@ void SignCosts::Record(absl::string_view key, const Cost& cost) {
 
 SignCosts::Cost SignCosts::Of(absl::string_view key) const {
   absl::MutexLock lock(&mu_);
+  return OfLocked(key);
+}
+
+SignCosts::Cost SignCosts::OfLocked(absl::string_view key) const {
   auto it = by_key_.find(key);
   return it != by_key_.end() ? it->second : all_;
 }

@@ -33,14 +33,26 @@ class SignCosts {
   // over all keys only.
   static constexpr std::size_t kMaxKeys = 4096;
 
-  // Record adds one successful signature with `key`.
-  void Record(absl::string_view key, const Cost& cost);
+  // Record adds one successful signature with `key` (negative figures, from a clock stepped
+  // back, count as zero).
+  void Record(absl::string_view key, Cost cost);
   // Of is `key`'s recent cost; for a key not signed with yet, the average over all keys (zero
   // before the first signature).
   Cost Of(absl::string_view key) const;
+  // Sum is the total of Of(key_of(item)) over `items`, under one lock.
+  template <typename Items, typename KeyOf>
+  Cost Sum(const Items& items, KeyOf key_of) const {
+    Cost total;
+    absl::MutexLock lock(&mu_);
+    for (const auto& item : items) {
+      total += OfLocked(key_of(item));
+    }
+    return total;
+  }
 
  private:
   static void Blend(Cost& avg, const Cost& sample);
+  Cost OfLocked(absl::string_view key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, Cost> by_key_ ABSL_GUARDED_BY(mu_);

@@ -197,10 +197,9 @@ class StreamCall final {
       return;  // The call's signing task takes these items next.
     }
     signing_ = true;
-    SignCosts::Cost backlog;
-    for (const Backlogged& b : backlog_) {
-      backlog += service_.CostOf(b.item.request().key_name());
-    }
+    const SignCosts::Cost backlog = service_.CostOf(
+        backlog_,
+        [](const Backlogged& b) -> const std::string& { return b.item.request().key_name(); });
     lock.unlock();
     if (KeyServiceImpl::QuickToSign(backlog)) {
       // Quick signatures (ECDSA in a local token) are made right here, as unary calls are:
@@ -223,13 +222,11 @@ class StreamCall final {
   void SignBacklog() {
     for (;;) {
       std::vector<Backlogged> batch;
-      SignCosts::Cost cost;
       {
         std::lock_guard<std::mutex> lock(mu_);
         while (!backlog_.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
           batch.push_back(std::move(backlog_.front()));
           backlog_.pop_front();
-          cost += service_.CostOf(batch.back().item.request().key_name());
         }
         if (batch.empty()) {
           signing_ = false;
@@ -237,6 +234,9 @@ class StreamCall final {
           return;
         }
       }
+      const SignCosts::Cost cost = service_.CostOf(
+          batch,
+          [](const Backlogged& b) -> const std::string& { return b.item.request().key_name(); });
       service_.SignEach(static_cast<int>(batch.size()), cost, [&](int i) {
         custody::v1::SignStreamResult result;
         result.set_id(batch[i].item.id());

@@ -11,6 +11,8 @@ namespace {
 
 // How often waiting requests are checked against their deadlines.
 constexpr absl::Duration kExpiryTick = absl::Milliseconds(50);
+// At most one reconnect-backoff reset per this long (see Poll).
+constexpr absl::Duration kBackoffResetEvery = absl::Milliseconds(250);
 
 }  // namespace
 
@@ -290,12 +292,14 @@ void StreamSigner::Poll() {
       }
     }
     lock.unlock();
-    if (replica_left) {
-      // The replica behind this stream went away (drained, stopped, connection lost). Another
-      // one may have come back a moment ago (a rolling restart) while its connection is still in
-      // reconnect backoff (up to a second): try every address now, so that signatures do not
-      // fail meanwhile. Only streams that were up trigger this, so a key service that is down
-      // altogether is not dialled once per request.
+    if (replica_left && now - last_backoff_reset_ >= kBackoffResetEvery) {
+      // A stream that was up has ended: its replica drained, stopped or dropped the connection
+      // (or we cancelled the stream, see ExpireLocked). Another replica may have come back a
+      // moment ago (a rolling restart) while its connection is still in reconnect backoff (up to
+      // a second): try every address now, so that signatures do not fail meanwhile. Only streams
+      // that were up trigger this, at most once per kBackoffResetEvery (the lanes on one replica
+      // end together), so a key service that is down altogether is not dialled per request.
+      last_backoff_reset_ = now;
       grpc::experimental::ChannelResetConnectionBackoff(channel_.get());
     }
     Deliver(answers);

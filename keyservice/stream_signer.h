@@ -82,6 +82,7 @@ class StreamSigner {
   std::vector<Stream*> streams_;  // Every stream gRPC still holds (lanes' and retired ones).
   std::size_t next_lane_ = 0;
   uint64_t next_id_ = 1;
+  absl::Time last_backoff_reset_ = absl::InfinitePast();  // Poller thread only.
   bool stopping_ = false;
 
   grpc::CompletionQueue cq_;

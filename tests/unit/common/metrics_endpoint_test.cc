@@ -16,6 +16,9 @@ namespace {
 // Connect returns a connected socket to 127.0.0.1:port, or -1.
 int Connect(uint16_t port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    return -1;
+  }
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = htons(port);
@@ -62,7 +65,11 @@ TEST(MetricsEndpointTest, ServesTheRegistryAndLetsGoOfThePortWhenDestroyed) {
     ASSERT_NE(port, 0);
     EXPECT_NE(Get(port).find("custody_test_total 3"), std::string::npos);
     endpoint->exposer.reset();
-    EXPECT_LT(Connect(port), 0) << "the port still accepts after the endpoint stopped";
+    const int after = Connect(port);
+    EXPECT_LT(after, 0) << "the port still accepts after the endpoint stopped";
+    if (after >= 0) {
+      ::close(after);
+    }
   }
 }
 

@@ -54,6 +54,25 @@ TEST(SignCostsTest, AKeysFirstSignatureIsItsAverageThenItFollowsRecentOnes) {
   EXPECT_LE(costs.Of("ec").time_us, 400);
 }
 
+TEST(SignCostsTest, ABackwardClockStepCountsAsZeroNotAsANegativeCost) {
+  SignCosts costs;
+  costs.Record("rsa", {-1000000, -1000000});
+  EXPECT_EQ(costs.Of("rsa").time_us, 0);
+  EXPECT_EQ(costs.Of("rsa").wait_us, 0);
+}
+
+TEST(SignCostsTest, SumAddsEachItemsKey) {
+  SignCosts costs;
+  costs.Record("ec", {100, 10});
+  costs.Record("rsa", {2000, 1500});
+  const std::vector<std::string> batch = {"ec", "rsa", "ec", "unknown"};
+  const SignCosts::Cost total =
+      costs.Sum(batch, [](const std::string& k) -> const std::string& { return k; });
+  const SignCosts::Cost all = costs.Of("unknown");
+  EXPECT_EQ(total.time_us, 100 + 2000 + 100 + all.time_us);
+  EXPECT_EQ(total.wait_us, 10 + 1500 + 10 + all.wait_us);
+}
+
 TEST(SignCostsTest, KeysBeyondTheLimitCountInTheOverallAverageOnly) {
   SignCosts costs;
   for (std::size_t i = 0; i < SignCosts::kMaxKeys; ++i) {
