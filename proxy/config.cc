@@ -9,6 +9,7 @@
 #include "common/status.h"
 #include "common/yaml_proto.h"
 #include "keyservice/client.h"
+#include "proxy/proxy_protocol.h"
 #include "proxy/tls_context.h"
 
 namespace custody::proxy {
@@ -120,6 +121,10 @@ absl::Status ValidateBackend(const std::string& prefix, custody::v1::ProxyBacken
   }
   if (backend.connect_timeout_ms() == 0) {
     backend.set_connect_timeout_ms(kDefaultConnectTimeoutMs);
+  }
+  if (!ParseProxyProtocol(backend.proxy_protocol()).has_value()) {
+    return ConfigFieldError(absl::StrCat(prefix, ".backend.proxy_protocol"),
+                            absl::StrCat("'", backend.proxy_protocol(), "' is not v1, v2 or off"));
   }
   return absl::OkStatus();
 }

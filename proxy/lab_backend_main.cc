@@ -4,6 +4,9 @@
 //                short text naming the method and path. Request bodies (Content-Length) are read
 //                and discarded.
 //   --mode echo  every byte comes back; the client's end (FIN) is passed back once all is sent.
+//   --proxy-protocol  every connection starts with a PROXY protocol header (v1 or v2, as
+//                custody-proxy's backend.proxy_protocol sends); http mode names the client it
+//                gives in each answer. A connection without a valid header is closed.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -19,9 +22,11 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/config_check.h"
 #include "common/unique_fd.h"
 
@@ -31,16 +36,70 @@ constexpr size_t kChunk = 64 * 1024;
 
 struct Conn {
   custody::UniqueFd fd;
-  std::string in;    // Bytes received, not yet handled.
-  std::string out;   // Bytes to send.
+  std::string in;   // Bytes received, not yet handled.
+  std::string out;  // Bytes to send.
   size_t out_off = 0;
   uint64_t body_left = 0;     // Generated body bytes still to send (/bytes/N).
   uint64_t discard_left = 0;  // Request body bytes still to discard.
   bool peer_eof = false;
   bool shut_wr = false;
+  bool awaiting_proxy_header = false;
+  std::string client;  // From the PROXY header: "ip:port", "[ip6]:port", "unknown" or "local".
 };
 
 bool echo_mode = false;
+
+// ParseProxyHeader takes a PROXY protocol header off the front of `in` into `client`: 1 when
+// done, 0 when more bytes are needed, -1 when `in` does not start with a valid header.
+int ParseProxyHeader(std::string& in, std::string* client) {
+  static const std::string kV2Sig("\r\n\r\n\0\r\nQUIT\n", 12);
+  if (in.size() >= 6 && in.compare(0, 6, "PROXY ") == 0) {
+    const size_t eol = in.find("\r\n");
+    if (eol == std::string::npos) {
+      return in.size() > 107 ? -1 : 0;
+    }
+    const std::vector<std::string> f = absl::StrSplit(in.substr(6, eol - 6), ' ');
+    if (f.size() >= 1 && f[0] == "UNKNOWN") {
+      *client = "unknown";
+    } else if (f.size() == 5 && (f[0] == "TCP4" || f[0] == "TCP6")) {
+      *client =
+          f[0] == "TCP4" ? absl::StrCat(f[1], ":", f[3]) : absl::StrCat("[", f[1], "]:", f[3]);
+    } else {
+      return -1;
+    }
+    in.erase(0, eol + 2);
+    return 1;
+  }
+  if (in.size() < 16) {
+    return kV2Sig.compare(0, in.size(), in) == 0 ||
+                   in.compare(0, in.size(), "PROXY ", 0, std::min<size_t>(in.size(), 6)) == 0
+               ? 0
+               : -1;
+  }
+  if (in.compare(0, 12, kV2Sig) != 0) {
+    return -1;
+  }
+  const auto* h = reinterpret_cast<const unsigned char*>(in.data());
+  const size_t len = (size_t{h[14]} << 8) | h[15];
+  if (in.size() < 16 + len) {
+    return 0;
+  }
+  const unsigned char* a = h + 16;
+  char ip[INET6_ADDRSTRLEN] = {};
+  if (h[12] == 0x20) {
+    *client = "local";
+  } else if (h[12] == 0x21 && h[13] == 0x11 && len >= 12) {
+    ::inet_ntop(AF_INET, a, ip, sizeof(ip));
+    *client = absl::StrCat(ip, ":", (a[8] << 8) | a[9]);
+  } else if (h[12] == 0x21 && h[13] == 0x21 && len >= 36) {
+    ::inet_ntop(AF_INET6, a, ip, sizeof(ip));
+    *client = absl::StrCat("[", ip, "]:", (a[32] << 8) | a[33]);
+  } else {
+    return -1;
+  }
+  in.erase(0, 16 + len);
+  return 1;
+}
 
 // HandleHttp turns complete requests in `c.in` into responses in `c.out`.
 void HandleHttp(Conn& c) {
@@ -92,7 +151,8 @@ void HandleHttp(Conn& c) {
       c.body_left = n;
     } else {
       const std::string body =
-          absl::StrCat("hello from the custody lab backend: ", method, " ", path, "\n");
+          absl::StrCat("hello from the custody lab backend: ", method, " ", path,
+                       c.client.empty() ? "" : absl::StrCat(" (client ", c.client, ")"), "\n");
       if (close_after) {
         c.out += "HTTP/1.1 200 OK\r\nConnection: close\r\n";
         absl::StrAppend(&c.out, "Content-Type: text/plain\r\nContent-Length: ", body.size(),
@@ -134,7 +194,10 @@ int main(int argc, char** argv) {
   CLI::App app{"custody-lab-backend: a plaintext HTTP or echo backend for the custody lab"};
   std::string listen;
   std::string mode = "http";
+  bool proxy_protocol = false;
   app.add_option("--listen", listen, "host:port to listen on")->required();
+  app.add_flag("--proxy-protocol", proxy_protocol,
+               "expect a PROXY protocol header (v1 or v2) at the start of every connection");
   app.add_option("--mode", mode, "http or echo")->check(CLI::IsMember({"http", "echo"}));
   CLI11_PARSE(app, argc, argv);
   echo_mode = mode == "echo";
@@ -161,9 +224,8 @@ int main(int argc, char** argv) {
   custody::UniqueFd lfd(::socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0));
   const int one = 1;
   ::setsockopt(lfd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  const bool bound =
-      v6 ? ::bind(lfd.get(), reinterpret_cast<sockaddr*>(&a6), sizeof(a6)) == 0
-         : ::bind(lfd.get(), reinterpret_cast<sockaddr*>(&a4), sizeof(a4)) == 0;
+  const bool bound = v6 ? ::bind(lfd.get(), reinterpret_cast<sockaddr*>(&a6), sizeof(a6)) == 0
+                        : ::bind(lfd.get(), reinterpret_cast<sockaddr*>(&a4), sizeof(a4)) == 0;
   if (!bound || ::listen(lfd.get(), SOMAXCONN) != 0) {
     std::fprintf(stderr, "custody-lab-backend: cannot listen on %s: %s\n", listen.c_str(),
                  std::strerror(errno));
@@ -192,6 +254,7 @@ int main(int argc, char** argv) {
           ::setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
           auto c = std::make_unique<Conn>();
           c->fd.Reset(cfd);
+          c->awaiting_proxy_header = proxy_protocol;
           epoll_event cev{};
           cev.events = EPOLLIN | EPOLLOUT | EPOLLET;
           cev.data.fd = cfd;
@@ -212,7 +275,24 @@ int main(int argc, char** argv) {
         bool read_blocked = false;
         while (!c.peer_eof && c.out.size() - c.out_off < 4 * kChunk) {
           const ssize_t r = ::recv(fd, buf.get(), kChunk, 0);
-          if (r > 0) {
+          if (r > 0 && c.awaiting_proxy_header) {
+            c.in.append(buf.get(), static_cast<size_t>(r));
+            const int got = ParseProxyHeader(c.in, &c.client);
+            if (got < 0) {
+              std::fprintf(stderr, "custody-lab-backend: a connection without a PROXY header\n");
+              alive = false;
+              break;
+            }
+            if (got == 1) {
+              c.awaiting_proxy_header = false;
+              if (echo_mode) {
+                c.out += c.in;
+                c.in.clear();
+              } else {
+                HandleHttp(c);
+              }
+            }
+          } else if (r > 0) {
             if (echo_mode) {
               c.out.append(buf.get(), static_cast<size_t>(r));
             } else {

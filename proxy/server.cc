@@ -216,6 +216,8 @@ class ProxyServer {
       CUSTODY_ASSIGN_OR_RETURN(rt.backend, ParseBackendAddress(rt.backend_address));
       CUSTODY_RETURN_IF_ERROR(ResolveBackend(listener.name(), rt));
       rt.connect_timeout_ms = listener.backend().connect_timeout_ms();
+      rt.proxy_protocol =
+          ParseProxyProtocol(listener.backend().proxy_protocol()).value_or(ProxyProtocol::kOff);
       rt.metrics = metrics_.ForListener(listener.name());
       for (const ServedCertificate& cert : rt.tls->certificates()) {
         metrics_.SetCertificateNotAfter(listener.name(), cert.key,

@@ -581,6 +581,21 @@ void Worker::StartBackend(Connection& c) {
   const ListenerRuntime& rt = *c.runtime;
   c.to_backend.Allocate(state_->limits.buffer_bytes());
   c.to_client.Allocate(state_->limits.buffer_bytes());
+  if (rt.proxy_protocol != ProxyProtocol::kOff) {
+    // The header goes first, before any byte of the client's (the buffer is empty here, and
+    // at most 107 bytes are far below its smallest size).
+    sockaddr_storage peer{};
+    sockaddr_storage local{};
+    socklen_t peer_len = sizeof(peer);
+    socklen_t local_len = sizeof(local);
+    if (::getpeername(c.client.get(), reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+        ::getsockname(c.client.get(), reinterpret_cast<sockaddr*>(&local), &local_len) != 0) {
+      peer.ss_family = AF_UNSPEC;  // The client is gone; the relay will see it next.
+    }
+    const std::string header = ProxyProtocolHeader(rt.proxy_protocol, peer, local);
+    std::memcpy(c.to_backend.tail(), header.data(), header.size());
+    c.to_backend.Produce(static_cast<uint32_t>(header.size()));
+  }
   const int family = rt.backend_addr.ss_family;
   c.backend.Reset(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!c.backend.valid()) {

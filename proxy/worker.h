@@ -20,6 +20,7 @@
 #include "custody/v1/proxy_config.pb.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
+#include "proxy/proxy_protocol.h"
 #include "proxy/tls_context.h"
 
 namespace custody::proxy {
@@ -33,6 +34,7 @@ struct ListenerRuntime {
   sockaddr_storage backend_addr{};  // Resolved when the state was built.
   socklen_t backend_addr_len = 0;
   int64_t connect_timeout_ms = 0;
+  ProxyProtocol proxy_protocol = ProxyProtocol::kOff;  // Header sent to the backend first.
   ListenerMetrics* metrics = nullptr;
 };
 

@@ -82,8 +82,7 @@ TEST_F(ProxyConfigTest, MinimalConfigGetsSecureDefaults) {
 }
 
 TEST_F(ProxyConfigTest, UnknownFieldIsNamed) {
-  ExpectError(KeyService() + Listener() + "limits: {max_conections: 5}\n",
-              {"max_conections"});
+  ExpectError(KeyService() + Listener() + "limits: {max_conections: 5}\n", {"max_conections"});
   ExpectError(KeyService() +
                   "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: a, "
                   "key_file: /etc/k.pem}], backend: {address: 'h:1'}}\n",
@@ -99,12 +98,11 @@ TEST_F(ProxyConfigTest, KeyServiceIsRequiredAndChecked) {
   ExpectError(KeyService() + Listener(), {"key_service.key_file"});
   ::chmod((dir_ + "/key").c_str(), 0600);
   ExpectError("key_service: {addresses: ['127.0.0.1:7001', 'localhost:7002'], ca_file: " + dir_ +
-                  "/ca, cert_file: " + dir_ + "/cert, key_file: " + dir_ + "/key}\n" +
-                  Listener(),
+                  "/ca, cert_file: " + dir_ + "/cert, key_file: " + dir_ + "/key}\n" + Listener(),
               {"key_service.addresses", "IP literals"});
-  ExpectError("key_service: {addresses: ['127.0.0.1:7001'], ca_file: " + dir_ + "/ca, cert_file: " +
-                  dir_ + "/cert, key_file: " + dir_ + "/key, sign_timeout_ms: 70000}\n" +
-                  Listener(),
+  ExpectError("key_service: {addresses: ['127.0.0.1:7001'], ca_file: " + dir_ +
+                  "/ca, cert_file: " + dir_ + "/cert, key_file: " + dir_ +
+                  "/key, sign_timeout_ms: 70000}\n" + Listener(),
               {"key_service.sign_timeout_ms"});
 }
 
@@ -133,8 +131,9 @@ TEST_F(ProxyConfigTest, CertificatesAreChecked) {
 TEST_F(ProxyConfigTest, TlsSettingsAreSecure) {
   ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {min_version: '1.1'}"),
               {"tls.min_version", "1.2"});
-  ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {min_version: '1.3', max_version: "
-                                                    "'1.2'}"),
+  ExpectError(KeyService() + Listener("[{key: a}]",
+                                      ", tls: {min_version: '1.3', max_version: "
+                                      "'1.2'}"),
               {"tls.min_version", "above max_version"});
   ExpectError(KeyService() + Listener("[{key: a}]", ", tls: {ciphers: 'AES128-SHA'}"),
               {"tls.ciphers", "AES128-SHA", "forward-secret AEAD"});
@@ -167,20 +166,37 @@ TEST_F(ProxyConfigTest, ListenersAndBackendsAreChecked) {
                   "  - {listen: '127.0.0.1:8443', certificates: [{key: a}], backend: {address: "
                   "'h:1'}}\n",
               {"listeners[1].listen", "two listeners"});
+  ExpectError(
+      KeyService() + "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: a}]}\n",
+      {"listeners[0].backend.address", "required"});
   ExpectError(KeyService() +
-                  "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: a}]}\n",
-              {"listeners[0].backend.address", "required"});
-  ExpectError(KeyService() + "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: "
-                             "a}], backend: {address: 'unix:relative'}}\n",
+                  "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: "
+                  "a}], backend: {address: 'unix:relative'}}\n",
               {"backend.address", "unix:/absolute/path"});
-  ExpectError(KeyService() + "listeners:\n  - {listen: '8443', certificates: [{key: a}], "
-                             "backend: {address: 'h:1'}}\n",
+  ExpectError(KeyService() +
+                  "listeners:\n  - {listen: '8443', certificates: [{key: a}], "
+                  "backend: {address: 'h:1'}}\n",
               {"listeners[0].listen"});
   ExpectError(KeyService() + Listener() + "metrics: {listen: '0.0.0.0:9100'}\n",
               {"metrics.listen", "loopback"});
   ExpectError(KeyService() + Listener() + "limits: {buffer_bytes: 100}\n",
               {"limits.buffer_bytes", "4096"});
   ExpectError(KeyService() + Listener() + "workers: 1000\n", {"workers"});
+}
+
+TEST_F(ProxyConfigTest, ProxyProtocolIsV1V2OrOffAndAnythingElseIsNamed) {
+  for (const char* ok : {"v1", "v2", "off"}) {
+    const std::string yaml = KeyService() +
+                             "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: "
+                             "lab-ec256}], backend: {address: '127.0.0.1:8080', proxy_protocol: " +
+                             ok + "}}\n";
+    auto config = Parse(yaml);
+    EXPECT_TRUE(config.ok()) << ok << ": " << config.status();
+  }
+  ExpectError(KeyService() +
+                  "listeners:\n  - {listen: '127.0.0.1:8443', certificates: [{key: lab-ec256}], "
+                  "backend: {address: '127.0.0.1:8080', proxy_protocol: v3}}\n",
+              {"listeners[0].backend.proxy_protocol", "'v3'", "v1, v2 or off"});
 }
 
 TEST(BackendAddressTest, TcpAndUnix) {
