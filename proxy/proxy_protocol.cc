@@ -55,6 +55,17 @@ void PutPort(std::string& out, uint16_t port) {
 
 }  // namespace
 
+std::string AddressText(const sockaddr_storage& addr) {
+  const Endpoint e = ToEndpoint(addr);
+  if (e.family == AF_INET) {
+    return absl::StrCat(Text(e), ":", e.port);
+  }
+  if (e.family == AF_INET6) {
+    return absl::StrCat("[", Text(e), "]:", e.port);
+  }
+  return "?";
+}
+
 std::optional<ProxyProtocol> ParseProxyProtocol(std::string_view value) {
   if (value.empty() || value == "off") {
     return ProxyProtocol::kOff;

@@ -23,4 +23,8 @@ std::optional<ProxyProtocol> ParseProxyProtocol(std::string_view value);
 std::string ProxyProtocolHeader(ProxyProtocol version, const sockaddr_storage& client,
                                 const sockaddr_storage& local);
 
+// AddressText writes a TCP/IP address for logs: "192.0.2.7:51000", "[2001:db8::7]:51000"
+// (IPv4-mapped IPv6 as IPv4); "?" for anything else.
+std::string AddressText(const sockaddr_storage& addr);
+
 }  // namespace custody::proxy

@@ -98,6 +98,7 @@ struct Worker::Connection {
   enum class Phase { kHandshake, kConnecting, kRelay };
 
   uint64_t id = 0;
+  std::string peer;  // The client's address, for logs.
   // The async callback's argument (see AsyncReady): enough to find the connection again.
   struct Notify {
     Worker* worker = nullptr;
@@ -334,8 +335,10 @@ void Worker::OnAccept(size_t listener) {
       SetAccepting(false);
       return;
     }
-    const int fd =
-        ::accept4(listen_fds_[listener].get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_storage peer{};
+    socklen_t peer_len = sizeof(peer);
+    const int fd = ::accept4(listen_fds_[listener].get(), reinterpret_cast<sockaddr*>(&peer),
+                             &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
         // Out of descriptors or memory: stop accepting for a moment rather than spin (the
@@ -351,13 +354,15 @@ void Worker::OnAccept(size_t listener) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     auto c = std::make_unique<Connection>();
     c->id = g_next_connection_id.fetch_add(1, std::memory_order_relaxed);
+    c->peer = AddressText(peer);
     c->listener = listener;
     c->state = state_;
     c->runtime = &c->state->listeners[listener];
     c->client.Reset(fd);
     c->ssl = rt.tls->NewSsl();
     if (c->ssl == nullptr || SSL_set_fd(c->ssl.get(), fd) != 1) {
-      spdlog::error("[C{}] {}: cannot make a TLS connection: {}", c->id, rt.name, SslErrorText());
+      spdlog::error("[C{} {}] {}: cannot make a TLS connection: {}", c->id, c->peer, rt.name,
+                    SslErrorText());
       continue;  // `c` closes the socket.
     }
     c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
@@ -374,7 +379,7 @@ void Worker::OnAccept(size_t listener) {
     connections_.push_back(std::move(c));
     ++handshakes_;
     rt.metrics->open->Increment();
-    spdlog::debug("[C{}] {}: accepted", ref.id, rt.name);
+    spdlog::debug("[C{} {}] {}: accepted", ref.id, ref.peer, rt.name);
     Handshake(ref);
   }
 }
@@ -532,8 +537,8 @@ void Worker::Handshake(Connection& c) {
         const unsigned char* alpn = nullptr;
         unsigned int alpn_len = 0;
         SSL_get0_alpn_selected(c.ssl.get(), &alpn, &alpn_len);
-        spdlog::debug("[C{}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id, rt.name,
-                      SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
+        spdlog::debug("[C{} {}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id, c.peer,
+                      rt.name, SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
                       sni != nullptr ? sni : "-",
                       alpn_len > 0 ? std::string(reinterpret_cast<const char*>(alpn), alpn_len)
                                    : std::string("-"),
@@ -572,7 +577,7 @@ void Worker::Handshake(Connection& c) {
 
 void Worker::FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why) {
   c.runtime->metrics->handshakes[static_cast<int>(outcome)]->Increment();
-  spdlog::info("[C{}] {}: handshake {}: {}", c.id, c.runtime->name,
+  spdlog::info("[C{} {}] {}: handshake {}: {}", c.id, c.peer, c.runtime->name,
                outcome == HandshakeOutcome::kTimeout ? "timed out" : "failed", why);
   Close(c, CloseReason::kClientError, "");
 }
@@ -807,11 +812,11 @@ void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
   }
   const ListenerRuntime& rt = *c.runtime;
   if (!why.empty()) {
-    spdlog::info("[C{}] {}: closed: {} (relayed {} bytes to the backend, {} to the client)", c.id,
-                 rt.name, why, c.bytes_to_backend, c.bytes_to_client);
+    spdlog::info("[C{} {}] {}: closed: {} (relayed {} bytes to the backend, {} to the client)",
+                 c.id, c.peer, rt.name, why, c.bytes_to_backend, c.bytes_to_client);
   } else {
-    spdlog::debug("[C{}] {}: closed (relayed {} bytes to the backend, {} to the client)", c.id,
-                  rt.name, c.bytes_to_backend, c.bytes_to_client);
+    spdlog::debug("[C{} {}] {}: closed (relayed {} bytes to the backend, {} to the client)", c.id,
+                  c.peer, rt.name, c.bytes_to_backend, c.bytes_to_client);
   }
   rt.metrics->closed[static_cast<int>(reason)]->Increment();
   c.closed = true;

@@ -63,6 +63,8 @@ run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "
 check "keyd down: s_client did not hang (status $E2E_RC)" test "$E2E_RC" -ne 124
 check "keyd down: the handshake ended with a TLS alert" grep -q "alert" "$E2E_ERR"
 check "keyd down: the proxy logged the failed handshake" grep -q "handshake failed" "$E2E_TMP/proxy.log"
+check "the log line names the client's address" \
+  grep -qE '\[C[0-9]+ 127\.0\.0\.1:[0-9]+\] lab: handshake failed' "$E2E_TMP/proxy.log"
 check "keyd down: the failed signature is counted" test "$(curl -sf \
   "http://$CUSTODY_PROXY_METRICS_ADDR/metrics" | grep -c '^custody_proxy_sign_errors_total')" -ge 1
 

@@ -78,6 +78,13 @@ TEST(ProxyProtocolTest, VersionTwoIsTheBinaryLayout) {
             kSignature + Bytes({0x20, 0x00, 0x00, 0x00}));
 }
 
+TEST(ProxyProtocolTest, AddressTextForLogs) {
+  EXPECT_EQ(AddressText(V4("192.0.2.7", 51000)), "192.0.2.7:51000");
+  EXPECT_EQ(AddressText(V6("2001:db8::7", 443)), "[2001:db8::7]:443");
+  EXPECT_EQ(AddressText(V6("::ffff:192.0.2.7", 1)), "192.0.2.7:1");
+  EXPECT_EQ(AddressText(sockaddr_storage{}), "?");
+}
+
 TEST(ProxyProtocolTest, OffSendsNothing) {
   EXPECT_EQ(ProxyProtocolHeader(ProxyProtocol::kOff, V4("192.0.2.7", 1), V4("10.0.0.1", 2)), "");
 }
