@@ -12,7 +12,7 @@ void SignCosts::Blend(Cost& avg, const Cost& sample) {
 void SignCosts::Record(absl::string_view key, Cost cost) {
   cost.time_us = std::max<int64_t>(cost.time_us, 0);
   cost.wait_us = std::max<int64_t>(cost.wait_us, 0);
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   Blend(all_, cost);
   auto it = by_key_.find(key);
   if (it == by_key_.end()) {
@@ -28,7 +28,7 @@ void SignCosts::Record(absl::string_view key, Cost cost) {
 }
 
 SignCosts::Cost SignCosts::Of(absl::string_view key) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return OfLocked(key);
 }
 
