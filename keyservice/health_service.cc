@@ -80,9 +80,14 @@ grpc::Status HealthService::Watch(grpc::ServerContext* context,
     open = writer->Write(response);
     lock.lock();
   }
-  while (open && !shut_down_ && !context->IsCancelled()) {
-    changed_.wait_for(lock, kWatchPoll, [&] { return generation_ != seen; });
+  // A change made while a write was under way (the lock released) is seen next: the watcher
+  // hears the last status, NOT_SERVING included, before a shutdown ends the call.
+  while (open && !context->IsCancelled()) {
     if (generation_ == seen) {
+      if (shut_down_) {
+        break;  // Nothing left to tell.
+      }
+      changed_.wait_for(lock, kWatchPoll, [&] { return generation_ != seen; });
       continue;
     }
     seen = generation_;
