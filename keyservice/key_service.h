@@ -118,10 +118,8 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   grpc::Status SignStreamItem(const Caller& caller, absl::Time received,
                               const custody::v1::SignStreamItem& item,
                               custody::v1::SignOutcome* outcome);
-  // CostOf is what a signature with `key` has recently cost (see SignCosts). Sum it over the
-  // requests of a batch for QuickToSign, SlowToSign and SignEach.
-  SignCosts::Cost CostOf(absl::string_view key) const { return costs_.Of(key); }
-  // CostOf sums CostOf(key_of(item)) over `items`.
+  // CostOf is what signatures with the keys key_of(item) of `items` have recently cost
+  // together (see SignCosts), for QuickToSign, SlowToSign and SignEach.
   template <typename Items, typename KeyOf>
   SignCosts::Cost CostOf(const Items& items, KeyOf key_of) const {
     return costs_.Sum(items, key_of);

@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -53,7 +54,7 @@ bool echo_mode = false;
 // done, 0 when more bytes are needed, -1 when `in` does not start with a valid header.
 int ParseProxyHeader(std::string& in, std::string* client) {
   static const std::string kV2Sig("\r\n\r\n\0\r\nQUIT\n", 12);
-  if (in.size() >= 6 && in.compare(0, 6, "PROXY ") == 0) {
+  if (absl::StartsWith(in, "PROXY ")) {
     const size_t eol = in.find("\r\n");
     if (eol == std::string::npos) {
       return in.size() > 107 ? -1 : 0;
@@ -71,12 +72,12 @@ int ParseProxyHeader(std::string& in, std::string* client) {
     return 1;
   }
   if (in.size() < 16) {
-    return kV2Sig.compare(0, in.size(), in) == 0 ||
-                   in.compare(0, in.size(), "PROXY ", 0, std::min<size_t>(in.size(), 6)) == 0
-               ? 0
-               : -1;
+    // More is needed while what came may still begin either header.
+    const bool may_be_v1 = absl::StartsWith("PROXY ", in);
+    const bool may_be_v2 = absl::StartsWith(kV2Sig, absl::string_view(in).substr(0, 12));
+    return may_be_v1 || may_be_v2 ? 0 : -1;
   }
-  if (in.compare(0, 12, kV2Sig) != 0) {
+  if (!absl::StartsWith(in, kV2Sig)) {
     return -1;
   }
   const auto* h = reinterpret_cast<const unsigned char*>(in.data());

@@ -98,7 +98,7 @@ struct Worker::Connection {
   enum class Phase { kHandshake, kConnecting, kRelay };
 
   uint64_t id = 0;
-  std::string peer;  // The client's address, for logs.
+  sockaddr_storage peer{};  // The client's address, from accept (logs, the PROXY header).
   // The async callback's argument (see AsyncReady): enough to find the connection again.
   struct Notify {
     Worker* worker = nullptr;
@@ -354,15 +354,15 @@ void Worker::OnAccept(size_t listener) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     auto c = std::make_unique<Connection>();
     c->id = g_next_connection_id.fetch_add(1, std::memory_order_relaxed);
-    c->peer = AddressText(peer);
+    c->peer = peer;
     c->listener = listener;
     c->state = state_;
     c->runtime = &c->state->listeners[listener];
     c->client.Reset(fd);
     c->ssl = rt.tls->NewSsl();
     if (c->ssl == nullptr || SSL_set_fd(c->ssl.get(), fd) != 1) {
-      spdlog::error("[C{} {}] {}: cannot make a TLS connection: {}", c->id, c->peer, rt.name,
-                    SslErrorText());
+      spdlog::error("[C{} {}] {}: cannot make a TLS connection: {}", c->id, AddressText(peer),
+                    rt.name, SslErrorText());
       continue;  // `c` closes the socket.
     }
     c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
@@ -379,7 +379,9 @@ void Worker::OnAccept(size_t listener) {
     connections_.push_back(std::move(c));
     ++handshakes_;
     rt.metrics->open->Increment();
-    spdlog::debug("[C{} {}] {}: accepted", ref.id, ref.peer, rt.name);
+    if (spdlog::should_log(spdlog::level::debug)) {
+      spdlog::debug("[C{} {}] {}: accepted", ref.id, AddressText(ref.peer), rt.name);
+    }
     Handshake(ref);
   }
 }
@@ -537,9 +539,9 @@ void Worker::Handshake(Connection& c) {
         const unsigned char* alpn = nullptr;
         unsigned int alpn_len = 0;
         SSL_get0_alpn_selected(c.ssl.get(), &alpn, &alpn_len);
-        spdlog::debug("[C{} {}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id, c.peer,
-                      rt.name, SSL_get_version(c.ssl.get()), SSL_get_cipher_name(c.ssl.get()),
-                      sni != nullptr ? sni : "-",
+        spdlog::debug("[C{} {}] {}: handshake done: {} {} sni={} alpn={} resumed={}", c.id,
+                      AddressText(c.peer), rt.name, SSL_get_version(c.ssl.get()),
+                      SSL_get_cipher_name(c.ssl.get()), sni != nullptr ? sni : "-",
                       alpn_len > 0 ? std::string(reinterpret_cast<const char*>(alpn), alpn_len)
                                    : std::string("-"),
                       SSL_session_reused(c.ssl.get()) == 1);
@@ -577,7 +579,7 @@ void Worker::Handshake(Connection& c) {
 
 void Worker::FailHandshake(Connection& c, HandshakeOutcome outcome, const std::string& why) {
   c.runtime->metrics->handshakes[static_cast<int>(outcome)]->Increment();
-  spdlog::info("[C{} {}] {}: handshake {}: {}", c.id, c.peer, c.runtime->name,
+  spdlog::info("[C{} {}] {}: handshake {}: {}", c.id, AddressText(c.peer), c.runtime->name,
                outcome == HandshakeOutcome::kTimeout ? "timed out" : "failed", why);
   Close(c, CloseReason::kClientError, "");
 }
@@ -589,15 +591,12 @@ void Worker::StartBackend(Connection& c) {
   if (rt.proxy_protocol != ProxyProtocol::kOff) {
     // The header goes first, before any byte of the client's (the buffer is empty here, and
     // at most 107 bytes are far below its smallest size).
-    sockaddr_storage peer{};
     sockaddr_storage local{};
-    socklen_t peer_len = sizeof(peer);
     socklen_t local_len = sizeof(local);
-    if (::getpeername(c.client.get(), reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
-        ::getsockname(c.client.get(), reinterpret_cast<sockaddr*>(&local), &local_len) != 0) {
-      peer.ss_family = AF_UNSPEC;  // The client is gone; the relay will see it next.
+    if (::getsockname(c.client.get(), reinterpret_cast<sockaddr*>(&local), &local_len) != 0) {
+      local.ss_family = AF_UNSPEC;  // The header then says the addresses are unknown.
     }
-    const std::string header = ProxyProtocolHeader(rt.proxy_protocol, peer, local);
+    const std::string header = ProxyProtocolHeader(rt.proxy_protocol, c.peer, local);
     std::memcpy(c.to_backend.tail(), header.data(), header.size());
     c.to_backend.Produce(static_cast<uint32_t>(header.size()));
   }
@@ -813,10 +812,10 @@ void Worker::Close(Connection& c, CloseReason reason, const std::string& why) {
   const ListenerRuntime& rt = *c.runtime;
   if (!why.empty()) {
     spdlog::info("[C{} {}] {}: closed: {} (relayed {} bytes to the backend, {} to the client)",
-                 c.id, c.peer, rt.name, why, c.bytes_to_backend, c.bytes_to_client);
-  } else {
+                 c.id, AddressText(c.peer), rt.name, why, c.bytes_to_backend, c.bytes_to_client);
+  } else if (spdlog::should_log(spdlog::level::debug)) {
     spdlog::debug("[C{} {}] {}: closed (relayed {} bytes to the backend, {} to the client)", c.id,
-                  c.peer, rt.name, c.bytes_to_backend, c.bytes_to_client);
+                  AddressText(c.peer), rt.name, c.bytes_to_backend, c.bytes_to_client);
   }
   rt.metrics->closed[static_cast<int>(reason)]->Increment();
   c.closed = true;
