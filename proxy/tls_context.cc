@@ -21,13 +21,16 @@ namespace {
 
 using custody::v1::ProxyTlsConfig;
 
-// Forward-secret AEAD suites only (ECDHE, then AES-GCM / ChaCha20-Poly1305), strongest first.
+// Forward-secret AEAD suites only (ECDHE, then AES-GCM / ChaCha20-Poly1305), in the order of
+// Mozilla's "intermediate" server configuration: AES-128-GCM first. It is as safe as AES-256 for
+// TLS (128-bit security, like the P-256 and X25519 key exchanges that protect it) and costs the
+// relay about a quarter less cipher work per byte (10 AES rounds against 14).
 constexpr char kDefaultCiphers[] =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256";
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 constexpr char kDefaultCiphersuites[] =
-    "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 constexpr char kDefaultGroups[] = "X25519:P-256:P-384";
 // One ticket per full handshake: enough for a client that reconnects (each resumption brings a
 // new ticket); OpenSSL's default of two serves clients that open parallel connections, at a

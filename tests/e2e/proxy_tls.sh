@@ -98,7 +98,11 @@ run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -alpn h2 
 check "ALPN: a client offering only h2 is refused (no_application_protocol)" \
   grep -q "no application protocol" "$E2E_ERR"
 run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -tls1_2 </dev/null
-check "TLS 1.2 picks an ECDHE AEAD suite" grep -Eq "Cipher is ECDHE-(ECDSA|RSA)-(AES256-GCM|CHACHA20)" "$E2E_OUT"
+check "TLS 1.2 picks the server's first suite, ECDHE with AES-128-GCM" \
+  grep -Eq "Cipher is ECDHE-(ECDSA|RSA)-AES128-GCM-SHA256" "$E2E_OUT"
+run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -tls1_3 </dev/null
+check "TLS 1.3 picks the server's first suite over the client's (AES-256-GCM first)" \
+  grep -q "Cipher is TLS_AES_128_GCM_SHA256" "$E2E_OUT"
 
 # ---------------------------------------------------------------- no private key in the proxy
 check "proxy.yaml names no key file but the proxy's own credential" \
