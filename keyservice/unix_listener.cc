@@ -11,20 +11,19 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status.h"
 
 namespace custody::keyservice {
-absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
-    const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit) {
-  const std::string& path = config.path();
+absl::StatusOr<UniqueFd> ListenUnix(const std::string& field, const std::string& path) {
   sockaddr_un addr{};
   if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat("unix_socket.path: too long: ", path));
+    return absl::InvalidArgumentError(absl::StrCat(field, ": too long: ", path));
   }
   struct stat st {};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
       return absl::FailedPreconditionError(
-          absl::StrCat("unix_socket.path: ", path, " exists and is not a socket"));
+          absl::StrCat(field, ": ", path, " exists and is not a socket"));
     }
     ::unlink(path.c_str());  // A socket left by an earlier keyd.
   }
@@ -41,22 +40,52 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
   ::umask(old_mask);
   if (bound != 0) {
     return absl::FailedPreconditionError(
-        absl::StrCat("unix_socket.path: cannot bind ", path, ": ", std::strerror(bind_errno)));
+        absl::StrCat(field, ": cannot bind ", path, ": ", std::strerror(bind_errno)));
   }
   if (::listen(fd.get(), SOMAXCONN) != 0) {
     return absl::InternalError(absl::StrCat("listen on ", path, ": ", std::strerror(errno)));
   }
+  return fd;
+}
+
+UnixPeers::UnixPeers(const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit)
+    : allowed_uids_(config.allowed_uids().begin(), config.allowed_uids().end()), audit_(audit) {
+  if (allowed_uids_.empty()) {
+    allowed_uids_.insert(static_cast<uint32_t>(::geteuid()));
+  }
+}
+
+std::optional<std::string> UnixPeers::Admit(int fd, const std::string& path) const {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    spdlog::error("unix socket {}: SO_PEERCRED: {}; connection closed", path, std::strerror(errno));
+    return std::nullopt;
+  }
+  std::string peer = absl::StrCat("unix:", path, " pid=", cred.pid, " uid=", cred.uid);
+  if (allowed_uids_.count(cred.uid) == 0) {
+    AuditRecord record{"", peer, "connect"};
+    record.outcome = "PERMISSION_DENIED";
+    record.detail = absl::StrCat("uid ", cred.uid, " is not in unix_socket.allowed_uids");
+    (void)audit_.Append(record);
+    spdlog::warn("unix socket: refused {}: {}", peer, record.detail);
+    return std::nullopt;
+  }
+  return peer;
+}
+
+absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Open(
+    const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit) {
+  CUSTODY_ASSIGN_OR_RETURN(UniqueFd fd, ListenUnix("unix_socket.path", config.path()));
   return std::unique_ptr<UnixListener>(new UnixListener(config, audit, std::move(fd)));
 }
 
 UnixListener::UnixListener(const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit,
                            UniqueFd fd)
-    : path_(config.path()), identity_(config.identity()), audit_(audit), fd_(std::move(fd)) {
-  allowed_uids_.insert(config.allowed_uids().begin(), config.allowed_uids().end());
-  if (allowed_uids_.empty()) {
-    allowed_uids_.insert(static_cast<uint32_t>(::geteuid()));
-  }
-}
+    : path_(config.path()),
+      identity_(config.identity()),
+      peers_(config, audit),
+      fd_(std::move(fd)) {}
 
 UnixListener::~UnixListener() { Stop(); }
 
@@ -75,42 +104,37 @@ void UnixListener::Stop() {
   ::unlink(path_.c_str());
 }
 
-void UnixListener::Accept(grpc::Server* server) {
-  while (!stopping_.load()) {
-    const int raw = ::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (raw < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) {
-        continue;
-      }
-      if (!stopping_.load()) {
-        spdlog::error("unix socket {}: accept: {}", path_, std::strerror(errno));
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-          ::usleep(100 * 1000);  // Out of descriptors or memory: back off, then try again.
-          continue;
-        }
-      }
+void AcceptUnix(int listen_fd, const std::string& path, const std::atomic<bool>& stopping,
+                const std::function<void(UniqueFd)>& on_connection) {
+  while (!stopping.load()) {
+    const int raw = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (raw >= 0) {
+      on_connection(UniqueFd(raw));
+      continue;
+    }
+    if (errno == EINTR || errno == ECONNABORTED) {
+      continue;
+    }
+    if (stopping.load()) {
       return;
     }
-    UniqueFd conn(raw);
-    ucred cred{};
-    socklen_t len = sizeof(cred);
-    if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-      spdlog::error("unix socket {}: SO_PEERCRED: {}; connection closed", path_,
-                    std::strerror(errno));
-      continue;
+    spdlog::error("unix socket {}: accept: {}", path, std::strerror(errno));
+    if (errno != EMFILE && errno != ENFILE && errno != ENOBUFS && errno != ENOMEM) {
+      return;
     }
-    const std::string peer = absl::StrCat("unix:", path_, " pid=", cred.pid, " uid=", cred.uid);
-    if (allowed_uids_.count(cred.uid) == 0) {
-      AuditRecord record{"", peer, "connect"};
-      record.outcome = "PERMISSION_DENIED";
-      record.detail = absl::StrCat("uid ", cred.uid, " is not in unix_socket.allowed_uids");
-      (void)audit_.Append(record);
-      spdlog::warn("unix socket: refused {}: {}", peer, record.detail);
-      continue;
-    }
-    spdlog::info("unix socket: {} connected as '{}'", peer, identity_);
-    grpc::AddInsecureChannelFromFd(server, conn.Release());
+    ::usleep(100 * 1000);  // Out of descriptors or memory: back off, then try again.
   }
+}
+
+void UnixListener::Accept(grpc::Server* server) {
+  AcceptUnix(fd_.get(), path_, stopping_, [&](UniqueFd conn) {
+    const std::optional<std::string> peer = peers_.Admit(conn.get(), path_);
+    if (!peer.has_value()) {
+      return;
+    }
+    spdlog::info("unix socket: {} connected as '{}'", *peer, identity_);
+    grpc::AddInsecureChannelFromFd(server, conn.Release());
+  });
 }
 
 }  // namespace custody::keyservice

@@ -7,7 +7,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -18,6 +20,31 @@
 #include "keyservice/audit_log.h"
 
 namespace custody::keyservice {
+
+// ListenUnix creates a Unix socket at `path` (mode 0660 from the start; a stale socket file there
+// is replaced, never another kind of file) and listens on it. Errors name the config `field`.
+absl::StatusOr<UniqueFd> ListenUnix(const std::string& field, const std::string& path);
+
+// UnixPeers admits connections on a keyd Unix socket by the caller's uid, as the kernel reports
+// it (SO_PEERCRED), against unix_socket.allowed_uids (empty: keyd's own uid).
+class UnixPeers {
+ public:
+  UnixPeers(const custody::v1::KeydUnixSocketConfig& config, AuditLog& audit);
+  // Admit returns the peer's label ("unix:PATH pid=P uid=U") when `fd`'s caller may connect to
+  // the socket at `path`; otherwise it logs and audits the refusal (action "connect") and returns
+  // nothing.
+  std::optional<std::string> Admit(int fd, const std::string& path) const;
+
+ private:
+  std::set<uint32_t> allowed_uids_;
+  AuditLog& audit_;
+};
+
+// AcceptUnix accepts connections on `listen_fd` (non-blocking, close-on-exec) and hands each to
+// `on_connection` until `stopping` is set and the socket is shut down (which wakes the accept),
+// or accept fails for good (logged). Out of descriptors or memory, it waits 100 ms and goes on.
+void AcceptUnix(int listen_fd, const std::string& path, const std::atomic<bool>& stopping,
+                const std::function<void(UniqueFd)>& on_connection);
 
 class UnixListener {
  public:
@@ -41,8 +68,7 @@ class UnixListener {
 
   const std::string path_;
   const std::string identity_;
-  std::set<uint32_t> allowed_uids_;
-  AuditLog& audit_;
+  const UnixPeers peers_;
   UniqueFd fd_;
   std::atomic<bool> stopping_{false};
   std::thread thread_;
