@@ -90,10 +90,20 @@ absl::Status ValidateKeydConfig(custody::v1::KeydConfig& config) {
       return ConfigFieldError("unix_socket.path",
                               "required: an absolute path, e.g. /run/custody/keyd.sock");
     }
-    if (unix_socket.path().size() >= sizeof(sockaddr_un{}.sun_path)) {
-      return ConfigFieldError("unix_socket.path",
-                              absl::StrCat("longer than the ", sizeof(sockaddr_un{}.sun_path) - 1,
-                                           " bytes a socket path may have"));
+    for (const auto& [field, path] :
+         {std::pair{"unix_socket.path", unix_socket.path()},
+          std::pair{"unix_socket.signing_path", unix_socket.signing_path()}}) {
+      if (path.size() >= sizeof(sockaddr_un{}.sun_path)) {
+        return ConfigFieldError(field,
+                                absl::StrCat("longer than the ", sizeof(sockaddr_un{}.sun_path) - 1,
+                                             " bytes a socket path may have"));
+      }
+    }
+    if (!unix_socket.signing_path().empty() && (unix_socket.signing_path()[0] != '/' ||
+                                                unix_socket.signing_path() == unix_socket.path())) {
+      return ConfigFieldError("unix_socket.signing_path",
+                              "an absolute path other than unix_socket.path, e.g. "
+                              "/run/custody/keyd-sign.sock");
     }
     if (unix_socket.identity().empty()) {
       return ConfigFieldError("unix_socket.identity",

@@ -20,12 +20,17 @@
 #include "keyservice/metrics.h"
 #include "keyservice/policy.h"
 #include "keyservice/sign_workers.h"
+#include "keyservice/signing_socket.h"
 #include "keyservice/unix_listener.h"
 
 namespace custody::keyservice {
 namespace {
 
 constexpr absl::Duration kDrainTimeout = absl::Seconds(5);
+// What a request message may carry beyond limits.max_message_bytes: its key name, ids and
+// protobuf framing. A little over the limit is refused by the handler (and audited), far over
+// it by the transport.
+constexpr std::size_t kMessageSlackBytes = 4096;
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     const custody::v1::KeydTlsConfig& tls) {
@@ -77,10 +82,17 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   TestingServiceImpl testing_service(*backend, faults, policy, *audit);
 
   std::unique_ptr<UnixListener> unix_listener;
+  std::unique_ptr<SigningSocket> signing_socket;
   if (config.has_unix_socket()) {
     CUSTODY_ASSIGN_OR_RETURN(unix_listener, UnixListener::Open(config.unix_socket(), *audit));
     SetUnixSocketCaller(config.unix_socket().identity(),
                         absl::StrCat("unix:", config.unix_socket().path()));
+    if (!config.unix_socket().signing_path().empty()) {
+      CUSTODY_ASSIGN_OR_RETURN(
+          signing_socket,
+          SigningSocket::Open(config.unix_socket(), key_service, *audit,
+                              config.limits().max_message_bytes() + kMessageSlackBytes));
+    }
   }
 
   // Our own health service, not gRPC's built-in one (see health_service.h for why).
@@ -107,9 +119,8 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
   grpc::ResourceQuota quota("custody-keyd");
   quota.SetMaxThreads(static_cast<int>(config.hsm().sessions()) + 32);
   builder.SetResourceQuota(quota);
-  // A request carries at most a message of limits.max_message_bytes and a short key name; a
-  // little over that is refused by the handler (and audited), far over it by gRPC itself.
-  builder.SetMaxReceiveMessageSize(static_cast<int>(config.limits().max_message_bytes()) + 4096);
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(config.limits().max_message_bytes() + kMessageSlackBytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::FailedPreconditionError(
@@ -124,6 +135,11 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
                  config.unix_socket().allowed_uids().empty()
                      ? absl::StrCat(::geteuid(), " (keyd's own)")
                      : absl::StrJoin(config.unix_socket().allowed_uids(), ","));
+  }
+  if (signing_socket != nullptr) {
+    signing_socket->Start();
+    spdlog::info("signing socket {}: callers are '{}'", config.unix_socket().signing_path(),
+                 config.unix_socket().identity());
   }
   health.SetServing(true);
   spdlog::info(
@@ -152,6 +168,10 @@ absl::Status RunKeyd(const custody::v1::KeydConfig& config, const KeydOptions& o
     unix_listener->Stop();
   }
   health.Shutdown();
+  if (signing_socket != nullptr) {
+    // Proxies move to gRPC, which no longer picks this replica (NOT_SERVING).
+    signing_socket->Stop();
+  }
   sign_workers.Drain();
   server->Shutdown(absl::ToChronoTime(absl::Now() + kDrainTimeout));
   sign_workers.Stop();

@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "common/yaml_proto.h"
 
@@ -116,6 +118,19 @@ TEST_F(ValidateTest, SecretsReadableByOthersAndMissingAuditFolderAreRefused) {
   std::string audit = Yaml();
   audit.replace(audit.find(dir_ + "/audit.log"), dir_.size() + 10, dir_ + "/no/such/audit.log");
   EXPECT_NE(Validate(audit, &c).message().find("'audit.path'"), absl::string_view::npos);
+}
+
+TEST_F(ValidateTest, SigningSocketIsAnotherAbsolutePath) {
+  custody::v1::KeydConfig c;
+  const std::string sock = "unix_socket: {path: /run/k.sock, identity: proxy";
+  ASSERT_TRUE(Validate(Yaml(sock + ", signing_path: /run/k-sign.sock}\n"), &c).ok());
+  EXPECT_EQ(c.unix_socket().signing_path(), "/run/k-sign.sock");
+  for (const std::string& bad :
+       std::vector<std::string>{"run/k-sign.sock", "/run/k.sock", "/" + std::string(120, 's')}) {
+    const absl::Status st = Validate(Yaml(sock + ", signing_path: " + bad + "}\n"), &c);
+    EXPECT_NE(st.message().find("unix_socket.signing_path"), absl::string_view::npos)
+        << bad << ": " << st;
+  }
 }
 
 TEST_F(ValidateTest, MetricsMayLeaveLoopbackOnlyWhenAllowed) {
