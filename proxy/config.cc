@@ -1,5 +1,7 @@
 #include "proxy/config.h"
 
+#include <sys/un.h>
+
 #include <set>
 
 #include "absl/strings/ascii.h"
@@ -53,6 +55,13 @@ absl::Status ValidateKeyService(custody::v1::ProxyKeyServiceConfig& ks) {
     return ConfigFieldError("key_service.addresses[0]",
                             "a Unix socket address is unix: and an absolute path, e.g. "
                             "\"unix:/run/custody/keyd.sock\"");
+  }
+  if (!ks.signing_socket().empty() &&
+      (!keyservice::IsUnixSocketAddress(absl::StrCat("unix:", ks.signing_socket())) ||
+       ks.signing_socket().size() >= sizeof(sockaddr_un{}.sun_path))) {
+    return ConfigFieldError("key_service.signing_socket",
+                            "an absolute path of at most 107 bytes (keyd's "
+                            "unix_socket.signing_path), e.g. /run/custody/keyd-sign.sock");
   }
   if (ks.sign_timeout_ms() == 0) {
     ks.set_sign_timeout_ms(kDefaultSignTimeoutMs);

@@ -142,8 +142,8 @@ class ProxyServer {
         }
         fds.push_back(*std::move(fd));
       }
-      auto worker =
-          std::make_unique<Worker>(static_cast<int>(w), std::move(fds), state_, &metrics_);
+      auto worker = std::make_unique<Worker>(static_cast<int>(w), std::move(fds), state_, &metrics_,
+                                             config.key_service().signing_socket());
       CUSTODY_RETURN_IF_ERROR(worker->Init());
       workers_.push_back(std::move(worker));
     }

@@ -56,7 +56,7 @@ std::string ErrnoText(int err) { return std::strerror(err); }
 
 // Watch tags an epoll registration with what it is for.
 struct Worker::Watch {
-  enum class Kind : uint8_t { kListener, kControl, kReady, kClient, kBackend, kAsync };
+  enum class Kind : uint8_t { kListener, kControl, kReady, kLane, kClient, kBackend, kAsync };
   Kind kind;
   Connection* conn = nullptr;
   size_t listener = 0;
@@ -156,13 +156,15 @@ static int AsyncReady(SSL* /*ssl*/, void* arg) {
 }
 
 Worker::Worker(int index, std::vector<UniqueFd> listen_fds, std::shared_ptr<const ProxyState> state,
-               ProxyMetrics* metrics)
+               ProxyMetrics* metrics, std::string signing_socket)
     : index_(index),
       listen_fds_(std::move(listen_fds)),
       state_(std::move(state)),
-      metrics_(metrics) {}
+      metrics_(metrics),
+      signing_socket_(std::move(signing_socket)) {}
 
 Worker::~Worker() {
+  lane_.reset();  // Answers what is still in flight while the connections exist.
   for (auto& c : connections_) {
     c->ssl.reset();
   }
@@ -186,6 +188,11 @@ absl::Status Worker::Init() {
   ev.data.ptr = ready_watch_.get();
   if (!ready_.valid() || ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ready_.get(), &ev) != 0) {
     return absl::InternalError(absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
+  }
+  if (!signing_socket_.empty()) {
+    lane_watch_ = std::make_unique<Watch>(Watch{Watch::Kind::kLane});
+    lane_ = std::make_unique<SigningLane>(signing_socket_, epoll_.get(), lane_watch_.get(),
+                                          absl::StrCat("worker ", index_));
   }
   for (size_t i = 0; i < listen_fds_.size(); ++i) {
     listen_watches_.push_back(std::make_unique<Watch>(Watch{Watch::Kind::kListener, nullptr, i}));
@@ -266,6 +273,11 @@ bool Worker::AtLimit() const {
 void Worker::Run() {
   // Signatures asked for during a loop turn leave together at its end, from this thread.
   provider::SetDeferredSigns(true);
+  // And go to keyd's signing socket, when there is one and it is up.
+  provider::SetSignLane(lane_.get());
+  if (lane_ != nullptr) {
+    lane_->Connect(absl::Now());
+  }
   epoll_event events[kMaxEvents];
   int64_t next_sweep = NowMs() + kSweepMs;
   for (;;) {
@@ -292,6 +304,9 @@ void Worker::Run() {
         case Watch::Kind::kReady:
           OnReady();
           break;
+        case Watch::Kind::kLane:
+          lane_->OnEvent(events[i].events);
+          break;
         case Watch::Kind::kListener:
           OnAccept(watch->listener);
           break;
@@ -311,6 +326,9 @@ void Worker::Run() {
     const int64_t now = NowMs();
     if (now >= next_sweep) {
       Sweep(now);
+      if (lane_ != nullptr) {
+        lane_->Sweep(absl::Now());
+      }
       next_sweep = now + kSweepMs;
     }
     for (Connection* c : to_free_) {
@@ -324,6 +342,7 @@ void Worker::Run() {
   }
   provider::FlushDeferredSigns();
   provider::SetDeferredSigns(false);
+  provider::SetSignLane(nullptr);
   spdlog::debug("worker {}: stopped", index_);
 }
 

@@ -21,6 +21,7 @@
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/proxy_protocol.h"
+#include "proxy/signing_lane.h"
 #include "proxy/tls_context.h"
 
 namespace custody::proxy {
@@ -48,9 +49,11 @@ struct ProxyState {
 
 class Worker {
  public:
-  // Worker serves `listen_fds` (one per listener, in order; bound and listening).
+  // Worker serves `listen_fds` (one per listener, in order; bound and listening). With a
+  // `signing_socket` (keyd's, on this host), its handshake signatures go there first (see
+  // SigningLane).
   Worker(int index, std::vector<UniqueFd> listen_fds, std::shared_ptr<const ProxyState> state,
-         ProxyMetrics* metrics);
+         ProxyMetrics* metrics, std::string signing_socket);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -116,6 +119,9 @@ class Worker {
   std::vector<uint64_t> ready_ids_;
   bool ready_signaled_ = false;
   std::unordered_map<uint64_t, Connection*> by_id_;  // Open connections (loop thread only).
+  const std::string signing_socket_;
+  std::unique_ptr<Watch> lane_watch_;
+  std::unique_ptr<SigningLane> lane_;  // With a signing socket; loop thread only.
 
   std::mutex mu_;  // Guards the two below (written by other threads).
   std::shared_ptr<const ProxyState> pending_state_;

@@ -30,6 +30,7 @@ struct DeferredSign {
 };
 thread_local bool t_defer_signs = false;
 thread_local std::vector<DeferredSign> t_deferred;
+thread_local SignLane* t_lane = nullptr;
 
 absl::Status FromGrpc(const grpc::Status& st) {
   return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
@@ -90,7 +91,25 @@ class GrpcKeySigner final : public KeySigner {
       batch.push_back({std::move(item.request), std::min(item.deadline, latest),
                        ToStreamDone(std::move(item.done))});
     }
+    if (t_lane != nullptr && t_lane->TrySend(batch, fallback_)) {
+      return;
+    }
     streams_.SignMany(std::move(batch));
+  }
+
+  // SetSelf gives the signer the owner it is made with, for lanes' fallbacks.
+  void SetSelf(const std::shared_ptr<GrpcKeySigner>& self) {
+    fallback_ = std::make_shared<const SignLane::Fallback>(
+        [weak = std::weak_ptr<GrpcKeySigner>(self)](SignLane::Requests requests) {
+          if (std::shared_ptr<GrpcKeySigner> signer = weak.lock()) {
+            signer->streams_.SignMany(std::move(requests));
+            return;
+          }
+          for (keyservice::StreamSigner::Request& r : requests) {
+            r.done(grpc::Status(grpc::StatusCode::CANCELLED, "the key client is shutting down"),
+                   {});
+          }
+        });
   }
 
   absl::StatusOr<custody::v1::SignResponse> Sign(const custody::v1::SignRequest& request,
@@ -137,7 +156,8 @@ class GrpcKeySigner final : public KeySigner {
   std::unique_ptr<custody::v1::KeyService::Stub> stub_;
   const absl::Duration sign_timeout_;
   keyservice::StreamSigner streams_;
-  std::mutex mu_;  // Guards queue_ and stopping_.
+  std::shared_ptr<const SignLane::Fallback> fallback_;  // Over streams_, for lanes.
+  std::mutex mu_;                                       // Guards queue_ and stopping_.
   std::condition_variable wake_;
   std::deque<DeferredSign> queue_;
   bool stopping_ = false;
@@ -147,6 +167,8 @@ class GrpcKeySigner final : public KeySigner {
 }  // namespace
 
 void SetDeferredSigns(bool on) { t_defer_signs = on; }
+
+void SetSignLane(SignLane* lane) { t_lane = lane; }
 
 void FlushDeferredSigns() {
   while (!t_deferred.empty()) {
@@ -168,7 +190,9 @@ void FlushDeferredSigns() {
 
 std::shared_ptr<KeySigner> MakeGrpcKeySigner(std::shared_ptr<grpc::Channel> channel,
                                              absl::Duration sign_timeout) {
-  return std::make_shared<GrpcKeySigner>(std::move(channel), sign_timeout);
+  auto signer = std::make_shared<GrpcKeySigner>(std::move(channel), sign_timeout);
+  signer->SetSelf(signer);
+  return signer;
 }
 
 absl::StatusOr<std::shared_ptr<KeySigner>> MakeGrpcKeySignerFromEnv() {

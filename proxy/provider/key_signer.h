@@ -6,10 +6,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "custody/v1/key_service.pb.h"
+#include "keyservice/stream_signer.h"
 
 namespace grpc {
 class Channel;
@@ -50,6 +52,25 @@ class KeySigner {
 // message, and no other thread has to be woken to send it (the ASYNC job must not run gRPC).
 void SetDeferredSigns(bool on);
 void FlushDeferredSigns();
+
+// SignLane is another way to the key service for the signatures a thread flushes: the proxy
+// worker's connection to keyd's signing socket (proxy/signing_lane.h). A GrpcKeySigner offers
+// each flushed batch to the thread's lane first, and uses its gRPC streams when the lane is down.
+class SignLane {
+ public:
+  using Requests = std::vector<keyservice::StreamSigner::Request>;
+  // Fallback sends requests over gRPC: those the lane cannot finish (it broke with them in
+  // flight, or its keyd answered UNAVAILABLE, which another replica may not).
+  using Fallback = std::function<void(Requests)>;
+
+  virtual ~SignLane() = default;
+  // TrySend takes and sends `requests` and returns true, or returns false with them untouched
+  // (the lane is down).
+  virtual bool TrySend(Requests& requests, const std::shared_ptr<const Fallback>& fallback) = 0;
+};
+// SetSignLane sets the calling thread's lane (nullptr: none). The lane is used on that thread
+// only.
+void SetSignLane(SignLane* lane);
 
 // MakeGrpcKeySigner signs over `channel` (mutual TLS to custody-keyd, see keyservice/client.h):
 // blocking calls are unary; asynchronous ones travel on SignStream calls, each bounded by

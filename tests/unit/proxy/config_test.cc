@@ -106,6 +106,21 @@ TEST_F(ProxyConfigTest, KeyServiceIsRequiredAndChecked) {
               {"key_service.sign_timeout_ms"});
 }
 
+TEST_F(ProxyConfigTest, SigningSocketIsAnAbsolutePath) {
+  const std::string unix_ks = "key_service: {addresses: ['unix:/run/custody/keyd.sock'], ";
+  auto ok = Parse(unix_ks + "signing_socket: /run/custody/keyd-sign.sock}\n" + Listener());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->key_service().signing_socket(), "/run/custody/keyd-sign.sock");
+  // Beside TCP replicas too: the local keyd signs, the replicas take over when it cannot.
+  std::string tcp = KeyService();
+  tcp.insert(tcp.rfind('}'), ", signing_socket: /run/custody/keyd-sign.sock");
+  EXPECT_TRUE(Parse(tcp + Listener()).ok());
+  ExpectError(unix_ks + "signing_socket: run/keyd-sign.sock}\n" + Listener(),
+              {"key_service.signing_socket", "absolute path"});
+  ExpectError(unix_ks + "signing_socket: /" + std::string(120, 'a') + "}\n" + Listener(),
+              {"key_service.signing_socket", "107 bytes"});
+}
+
 TEST_F(ProxyConfigTest, CertificatesAreChecked) {
   ExpectError(KeyService() + Listener("[]"), {"listeners[0].certificates", "at least one"});
   ExpectError(KeyService() + Listener("[{key: 'bad name'}]"), {"certificates[0].key"});
