@@ -572,12 +572,16 @@ done
 step "writing keyd.yaml"
 # The same-host way in (gRPC over a Unix socket, callers known by uid): for a proxy next to keyd.
 # Left out when the lab folder is too deep for a socket path (107 bytes at most).
+# Its signing socket carries handshake signatures only, without gRPC (less CPU per handshake).
 KEYD_SOCKET=
+KEYD_SIGNING_SOCKET=
 UNIX_SOCKET_YAML=
 if [ ${#DIR} -lt 90 ]; then
   KEYD_SOCKET="$DIR/keyd.sock"
+  KEYD_SIGNING_SOCKET="$DIR/keyd-sign.sock"
   UNIX_SOCKET_YAML="unix_socket:
   path: \"$KEYD_SOCKET\"
+  signing_path: \"$KEYD_SIGNING_SOCKET\"
   identity: \"proxy\""
 fi
 cat >"$DIR/keyd.yaml" <<EOF
@@ -652,8 +656,10 @@ proxy_yaml "  addresses: [\"127.0.0.1:$KEYD_PORT\"]
   cert_file: \"$DIR/identities/proxy.crt\"
   key_file: \"$DIR/identities/proxy.key\"" >"$DIR/proxy.yaml"
 if [ -n "$KEYD_SOCKET" ]; then
-  # The same proxy next to keyd, on its Unix socket (known by uid): no TLS files at all.
-  proxy_yaml "  addresses: [\"unix:$KEYD_SOCKET\"]" >"$DIR/proxy-unix.yaml"
+  # The same proxy next to keyd, on its Unix sockets (known by uid): no TLS files at all;
+  # handshake signatures on the signing socket, the rest (and fallback) gRPC on keyd.sock.
+  proxy_yaml "  addresses: [\"unix:$KEYD_SOCKET\"]
+  signing_socket: \"$KEYD_SIGNING_SOCKET\"" >"$DIR/proxy-unix.yaml"
 fi
 
 # ---------------------------------------------------------------- finish
@@ -678,7 +684,8 @@ env_line() { # env_line NAME VALUE COMMENT
   env_line CUSTODY_KEYD_METRICS_ADDR "127.0.0.1:$METRICS_PORT" "key service metrics address"
   if [ -n "$KEYD_SOCKET" ]; then
     env_line CUSTODY_KEYD_SOCKET "unix:$KEYD_SOCKET" "key service Unix socket (same-host callers, known by uid)"
-    env_line CUSTODY_PROXY_UNIX_CONFIG "$DIR/proxy-unix.yaml" "custody-proxy configuration reaching keyd over its Unix socket"
+    env_line CUSTODY_KEYD_SIGNING_SOCKET "$KEYD_SIGNING_SOCKET" "key service signing socket (handshake signatures without gRPC, same-host callers)"
+    env_line CUSTODY_PROXY_UNIX_CONFIG "$DIR/proxy-unix.yaml" "custody-proxy configuration reaching keyd over its Unix sockets"
   fi
   env_line CUSTODY_PROXY_CONFIG "$DIR/proxy.yaml" "custody-proxy configuration"
   env_line CUSTODY_PROXY_ADDR "127.0.0.1:$PROXY_PORT" "custody-proxy TLS listener"

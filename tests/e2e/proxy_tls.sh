@@ -176,35 +176,50 @@ done
 e2e_stop_proxy TERM
 e2e_start_proxy
 
-# ---------------------------------------------------------------- same host: keyd's Unix socket
+# ---------------------------------------------------------------- same host: keyd's Unix sockets
 # keyd knows the proxy by its uid (SO_PEERCRED): the proxy then needs no TLS files at all.
+# Handshake signatures go over keyd's signing socket; with it left out, over gRPC on keyd.sock.
 if [[ -n "${CUSTODY_PROXY_UNIX_CONFIG:-}" ]]; then
   e2e_stop_proxy TERM
   check "unix: the proxy config names no key file" file_lacks "$CUSTODY_PROXY_UNIX_CONFIG" "key_file"
   check "unix: the proxy config names keyd's socket" grep -q "addresses: \[\"$CUSTODY_KEYD_SOCKET\"\]" \
     "$CUSTODY_PROXY_UNIX_CONFIG"
+  check "unix: the proxy config names keyd's signing socket" \
+    grep -q "signing_socket: \"$CUSTODY_KEYD_SIGNING_SOCKET\"" "$CUSTODY_PROXY_UNIX_CONFIG"
+  grep -v "signing_socket:" "$CUSTODY_PROXY_UNIX_CONFIG" >"$W/proxy-grpc-unix.yaml"
   TRACE=()
   if strace -V >/dev/null 2>&1 && strace -f -qq -e trace=none true 2>/dev/null; then
     TRACE=(strace -f -qq -e trace=open,openat -o "$W/strace-unix.out")
   fi
-  "${TRACE[@]}" "$PROXY" --config "$CUSTODY_PROXY_UNIX_CONFIG" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
-  UNIX_PID=$!
-  wait_tcp "$CUSTODY_PROXY_ADDR" 20 || fail "proxy over keyd's Unix socket did not listen"
-  PROXY_PID=$UNIX_PID
-  [[ ${#TRACE[@]} -eq 0 ]] || PROXY_PID=$(pgrep -P "$UNIX_PID")
-  for name in ec256 rsa2048; do
-    before=$(audit_count)
-    run_capture curl -sS --cacert "$CUSTODY_CA" --resolve "$name.lab.test:$PORT:127.0.0.1" \
-      "https://$name.lab.test:$PORT/hello-unix"
-    check "unix: curl through the proxy to the backend with lab-$name" grep -q "hello-unix" "$E2E_OUT"
-    check "unix: one audit record, the proxy signing with lab-$name" \
-      test "$(audit_count)" -eq $((before + 1))
-    check "unix: the record names the socket as the caller's address" bash -c \
-      "tail -n 1 '$CUSTODY_AUDIT_LOG' | grep -q '\"caller\":\"proxy\",\"peer\":\"unix:${CUSTODY_KEYD_SOCKET#unix:} (fd:[0-9]*)\".*\"key\":\"lab-$name\".*\"outcome\":\"OK\"'"
+  for way in signing-socket grpc; do
+    if [[ $way == signing-socket ]]; then
+      config=$CUSTODY_PROXY_UNIX_CONFIG
+      peer="unix:$CUSTODY_KEYD_SIGNING_SOCKET pid=[0-9]* uid=$(id -u)"
+    else
+      config=$W/proxy-grpc-unix.yaml
+      peer="unix:${CUSTODY_KEYD_SOCKET#unix:} (fd:[0-9]*)"
+      TRACE=()
+    fi
+    "${TRACE[@]}" "$PROXY" --config "$config" >>"$E2E_TMP/proxy.log" 2>&1 </dev/null &
+    UNIX_PID=$!
+    wait_tcp "$CUSTODY_PROXY_ADDR" 20 || fail "proxy over keyd's Unix socket ($way) did not listen"
+    PROXY_PID=$UNIX_PID
+    [[ ${#TRACE[@]} -eq 0 ]] || PROXY_PID=$(pgrep -P "$UNIX_PID")
+    for name in ec256 rsa2048; do
+      before=$(audit_count)
+      run_capture curl -sS --cacert "$CUSTODY_CA" --resolve "$name.lab.test:$PORT:127.0.0.1" \
+        "https://$name.lab.test:$PORT/hello-unix"
+      check "unix ($way): curl through the proxy to the backend with lab-$name" \
+        grep -q "hello-unix" "$E2E_OUT"
+      check "unix ($way): one audit record, the proxy signing with lab-$name" \
+        test "$(audit_count)" -eq $((before + 1))
+      check "unix ($way): the record names the socket as the caller's address" bash -c \
+        "tail -n 1 '$CUSTODY_AUDIT_LOG' | grep -q '\"caller\":\"proxy\",\"peer\":\"$peer\".*\"key\":\"lab-$name\".*\"outcome\":\"OK\"'"
+    done
+    e2e_stop_proxy TERM
+    wait "$UNIX_PID" 2>/dev/null || true
   done
-  e2e_stop_proxy TERM
-  wait "$UNIX_PID" 2>/dev/null || true
-  if [[ ${#TRACE[@]} -gt 0 ]]; then
+  if [[ -f "$W/strace-unix.out" ]]; then
     sed -n 's/.*open[at]*(.*"\([^"]*\)".*) = [0-9].*/\1/p' "$W/strace-unix.out" | sort -u >"$W/opened-unix.txt"
     keys=0
     while read -r f; do
