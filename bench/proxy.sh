@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
-#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4]
+#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4]
 #                  [--session-tickets N] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
 # plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
 # worker pinned to CPU 0 (the load generator and the backend run on CPU 1):
 #   custody-proxy   keys in the token, signatures by custody-keyd (also on CPU 0), reached over
-#                   keyd's Unix socket (default: the two share the host) or mutual TLS on TCP
+#                   keyd's signing socket (default "socket": the two share the host; the rest over
+#                   gRPC on keyd's Unix socket), gRPC on keyd's Unix socket alone ("unix"), or
+#                   gRPC with mutual TLS on TCP ("tcp")
 #   nginx-file      nginx 1.22 stream proxy (TLS offload, the same relay job), the same kind of
 #                   certificate from the same CA, its key in a local file
 #   nginx-engine    the same nginx, the certificate's key in the same token through libp11's
@@ -34,7 +36,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$ROOT/build
 SECS=5
 ROUNDS=3
-TRANSPORT=unix
+TRANSPORT=socket
 SECTIONS=1,2,3,4
 TICKETS=
 while [ $# -gt 0 ]; do
@@ -45,10 +47,14 @@ while [ $# -gt 0 ]; do
     --sections) SECTIONS=$2; shift 2 ;;
     --session-tickets) TICKETS=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--build DIR]" >&2
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--build DIR]" >&2
        exit 2 ;;
   esac
 done
+case "$TRANSPORT" in
+  socket | unix | tcp) ;;
+  *) echo "bench/proxy.sh: --keyd-transport is socket, unix or tcp, not '$TRANSPORT'" >&2; exit 2 ;;
+esac
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }  # want N: section N was asked for
 BIN=$BUILD/bin
 for b in custody-keyd custody-proxy custody-lab-backend custody-bench-tls custodyctl; do
@@ -134,13 +140,18 @@ wait_port() {
 start backend "$CLIENT_CPU" "$BIN/custody-lab-backend" --listen "$CUSTODY_BACKEND_ADDR"
 start keyd "$SERVER_CPU" "$BIN/custody-keyd" --config "$CUSTODY_KEYD_CONFIG" --log-level warn --enable-test-hooks
 for _ in $(seq 1 200); do "$BIN/custodyctl" --identity proxy health >/dev/null 2>&1 && break; sleep 0.05; done
-PROXY_CONFIG=$CUSTODY_PROXY_CONFIG
-if [ "$TRANSPORT" = unix ]; then
-  # keyd on the same host: its Unix socket (callers known by uid), no TLS between the two.
-  [ -n "${CUSTODY_PROXY_UNIX_CONFIG:-}" ] || { echo "bench/proxy.sh: the lab has no keyd socket" >&2; exit 1; }
-  PROXY_CONFIG=$CUSTODY_PROXY_UNIX_CONFIG
-fi
-{ echo "workers: 1"; cat "$PROXY_CONFIG"; } >"$TMP/proxy.yaml"
+case "$TRANSPORT" in
+  socket | unix)
+    # keyd on the same host: its Unix sockets (callers known by uid), no TLS between the two.
+    [ -n "${CUSTODY_PROXY_UNIX_CONFIG:-}" ] || { echo "bench/proxy.sh: the lab has no keyd socket" >&2; exit 1; }
+    if [ "$TRANSPORT" = socket ]; then
+      { echo "workers: 1"; cat "$CUSTODY_PROXY_UNIX_CONFIG"; } >"$TMP/proxy.yaml"
+    else
+      { echo "workers: 1"; grep -v "signing_socket:" "$CUSTODY_PROXY_UNIX_CONFIG"; } >"$TMP/proxy.yaml"
+    fi
+    ;;
+  tcp) { echo "workers: 1"; cat "$CUSTODY_PROXY_CONFIG"; } >"$TMP/proxy.yaml" ;;
+esac
 if [ -n "$TICKETS" ]; then
   # Tickets per full handshake: the proxy's default is 1; nginx (OpenSSL's default) sends 2.
   sed -i "s/^    tls:\$/    tls:\n      session_tickets: $TICKETS/" "$TMP/proxy.yaml"

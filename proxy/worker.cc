@@ -147,6 +147,12 @@ struct Worker::Connection {
   uint64_t bytes_to_client = 0;
 };
 
+namespace {
+// The worker whose loop runs on this thread (answers read by its own signing lane are queued
+// without waking the loop through the eventfd).
+thread_local Worker* t_loop_worker = nullptr;
+}  // namespace
+
 // AsyncReady is OpenSSL's async callback (SSL_set_async_callback): the provider calls it, on the
 // key client's thread, once a paused handshake's signature is in.
 static int AsyncReady(SSL* /*ssl*/, void* arg) {
@@ -275,6 +281,7 @@ void Worker::Run() {
   provider::SetDeferredSigns(true);
   // And go to keyd's signing socket, when there is one and it is up.
   provider::SetSignLane(lane_.get());
+  t_loop_worker = this;
   if (lane_ != nullptr) {
     lane_->Connect(absl::Now());
   }
@@ -285,7 +292,7 @@ void Worker::Run() {
       break;
     }
     int timeout = -1;
-    if (!to_pump_.empty()) {
+    if (!to_pump_.empty() || !local_ready_ids_.empty()) {
       timeout = 0;
     } else if (!connections_.empty() || draining_ || !accepting_) {
       timeout = static_cast<int>(std::max<int64_t>(0, next_sweep - NowMs()));
@@ -314,6 +321,7 @@ void Worker::Run() {
           OnConnectionEvent(watch, events[i].events);
       }
     }
+    ResumeLocal();  // Handshakes whose answers this thread read (the signing lane).
     // Relays that used up their quota continue here, after everyone else had a turn.
     std::vector<Connection*> pump;
     pump.swap(to_pump_);
@@ -328,6 +336,7 @@ void Worker::Run() {
       Sweep(now);
       if (lane_ != nullptr) {
         lane_->Sweep(absl::Now());
+        ResumeLocal();
       }
       next_sweep = now + kSweepMs;
     }
@@ -343,6 +352,7 @@ void Worker::Run() {
   provider::FlushDeferredSigns();
   provider::SetDeferredSigns(false);
   provider::SetSignLane(nullptr);
+  t_loop_worker = nullptr;
   spdlog::debug("worker {}: stopped", index_);
 }
 
@@ -406,6 +416,10 @@ void Worker::OnAccept(size_t listener) {
 }
 
 void Worker::NotifyReady(uint64_t id) {
+  if (t_loop_worker == this) {
+    local_ready_ids_.push_back(id);  // Resumed later in this loop turn (Run).
+    return;
+  }
   bool wake = false;
   {
     std::lock_guard<std::mutex> lock(ready_mu_);
@@ -428,12 +442,24 @@ void Worker::OnReady() {
     ids.swap(ready_ids_);
     ready_signaled_ = false;
   }
+  Resume(ids);
+}
+
+void Worker::Resume(const std::vector<uint64_t>& ids) {
   for (uint64_t id : ids) {
     auto it = by_id_.find(id);
     if (it == by_id_.end()) {
       continue;  // Gone already.
     }
     OnConnectionEvent(&it->second->async_watch, EPOLLIN);
+  }
+}
+
+void Worker::ResumeLocal() {
+  while (!local_ready_ids_.empty()) {
+    std::vector<uint64_t> ids;
+    ids.swap(local_ready_ids_);
+    Resume(ids);
   }
 }
 

@@ -75,14 +75,19 @@ class Worker {
   struct Watch;
 
   // NotifyReady queues connection `id` for its paused handshake to be resumed (the answer to its
-  // signature came) and wakes the loop. Thread-safe: called on the key client's thread, through
-  // OpenSSL's async callback.
+  // signature came) and wakes the loop. Thread-safe: called through OpenSSL's async callback on
+  // the key client's thread, or on the loop's own thread when its signing lane read the answer
+  // (then queued for later in the same loop turn, with no wake-up).
   void NotifyReady(uint64_t id);
 
  private:
   void OnControl();
-  // OnReady resumes the paused handshakes queued by NotifyReady.
+  // OnReady resumes the paused handshakes queued by NotifyReady from other threads.
   void OnReady();
+  // Resume resumes the paused handshakes of connections `ids` (those still open).
+  void Resume(const std::vector<uint64_t>& ids);
+  // ResumeLocal resumes those queued by NotifyReady on the loop's own thread.
+  void ResumeLocal();
   void OnAccept(size_t listener);
   // OnConnectionEvent routes an event (or a signature's answer, as kAsync) of a connection's
   // watch: an abandoned connection only finishes its job; a closed one takes nothing more.
@@ -118,6 +123,7 @@ class Worker {
   std::mutex ready_mu_;  // Guards the two below.
   std::vector<uint64_t> ready_ids_;
   bool ready_signaled_ = false;
+  std::vector<uint64_t> local_ready_ids_;            // Queued on the loop's own thread (loop only).
   std::unordered_map<uint64_t, Connection*> by_id_;  // Open connections (loop thread only).
   const std::string signing_socket_;
   std::unique_ptr<Watch> lane_watch_;
