@@ -111,6 +111,7 @@ StreamSigner::~StreamSigner() {
     std::fill(lanes_.begin(), lanes_.end(), nullptr);
     all_closed_.wait(lock, [this] { return streams_.empty(); });
   }
+  tick_alarm_.Cancel();  // Its completion (if set) is drained by the poller before SHUTDOWN.
   cq_.Shutdown();
   poller_.join();
 }
@@ -162,9 +163,21 @@ void StreamSigner::SignMany(std::vector<Request> requests) {
     }
     if (s != nullptr) {
       s->WriteLocked();
+      StartTickLocked(now);
     }
   }
   Deliver(answers);
+}
+
+void StreamSigner::StartTickLocked(absl::Time now) {
+  if (ticking_) {
+    return;
+  }
+  ticking_ = true;
+  if (!alarm_set_) {  // Else the alarm set earlier wakes the poller soon enough.
+    alarm_set_ = true;
+    tick_alarm_.Set(&cq_, absl::ToChronoTime(now + kExpiryTick), &tick_tag_);
+  }
 }
 
 void StreamSigner::DetachLocked(Stream* s) {
@@ -205,7 +218,7 @@ void StreamSigner::ExpireLocked(absl::Time now, std::vector<Answer>& answers) {
 
 void StreamSigner::Poll() {
   std::vector<Answer> answers;
-  absl::Time next_expiry = absl::Now() + kExpiryTick;
+  absl::Time next_expiry = absl::InfiniteFuture();  // Nothing waits yet.
   for (;;) {
     void* raw = nullptr;
     bool ok = false;
@@ -216,11 +229,15 @@ void StreamSigner::Poll() {
     std::unique_lock<std::mutex> lock(mu_);
     bool replica_left = false;  // A stream that was up has ended.
     const absl::Time now = absl::Now();
-    if (now >= next_expiry) {
+    const bool alarm = got == grpc::CompletionQueue::GOT_EVENT && raw == &tick_tag_;
+    if (alarm) {
+      alarm_set_ = false;
+    }
+    if (now >= next_expiry || alarm) {
       ExpireLocked(now, answers);
       next_expiry = now + kExpiryTick;
     }
-    if (got == grpc::CompletionQueue::GOT_EVENT) {
+    if (got == grpc::CompletionQueue::GOT_EVENT && !alarm) {
       auto* tag = static_cast<Stream::Tag*>(raw);
       Stream* s = tag->stream;
       switch (tag->event) {
@@ -290,6 +307,15 @@ void StreamSigner::Poll() {
         }
         s->MaybeFinishLocked();
       }
+    }
+    // Tick while requests wait; idle, wake for completions only (20 wake-ups a second of an
+    // idle key client showed on the proxy worker's CPU).
+    ticking_ = std::any_of(streams_.begin(), streams_.end(),
+                           [](const Stream* st) { return !st->pending.empty(); });
+    if (!ticking_) {
+      next_expiry = absl::InfiniteFuture();
+    } else if (next_expiry == absl::InfiniteFuture()) {
+      next_expiry = now + kExpiryTick;
     }
     lock.unlock();
     if (replica_left && now - last_backoff_reset_ >= kBackoffResetEvery) {

@@ -15,6 +15,7 @@
 //     fail fast instead of piling up.
 #pragma once
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 
 #include <condition_variable>
@@ -69,6 +70,8 @@ class StreamSigner {
   void DetachLocked(Stream* s);
   // Poll handles completions and expires requests until the queue is shut down.
   void Poll();
+  // StartTickLocked makes sure requests are checked against their deadlines (mu_ held).
+  void StartTickLocked(absl::Time now);
   // ExpireLocked answers requests whose deadline has passed and cancels their streams.
   void ExpireLocked(absl::Time now, std::vector<Answer>& answers);
   static void Deliver(std::vector<Answer>& answers);
@@ -84,6 +87,13 @@ class StreamSigner {
   uint64_t next_id_ = 1;
   absl::Time last_backoff_reset_ = absl::InfinitePast();  // Poller thread only.
   bool stopping_ = false;
+  // The expiry tick runs only while requests wait, so an idle signer wakes nobody. A request
+  // that finds it stopped starts it again through tick_alarm_ (a stream's first completion may
+  // take as long as a connection attempt).
+  bool ticking_ = false;
+  bool alarm_set_ = false;  // tick_alarm_ is set and has not fired yet.
+  grpc::Alarm tick_alarm_;
+  char tick_tag_ = 0;  // tick_alarm_'s completion-queue tag (its address).
 
   grpc::CompletionQueue cq_;
   std::thread poller_;  // Last: starts once everything above exists.
