@@ -219,6 +219,28 @@ e2e_stop_keyd() {
   KEYD_PID=
 }
 
+# e2e_kill_keyd_under_proxy: with the proxy up in front of the echo backend, kill keyd (SIGKILL)
+# while a client holds an established connection; check that the connection relays 1 MiB byte
+# for byte, and that a new handshake ends with a TLS alert instead of hanging. keyd stays down.
+e2e_kill_keyd_under_proxy() {
+  local line
+  coproc HOLD { python3 "$E2E_LIB_DIR/proxy_client.py" keyd-down "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 2>&1; }
+  read -r -t 30 line <&"${HOLD[0]}" || fail "keyd-down client did not open its connection"
+  check "established connection open before keyd dies" test "$line" = open
+  e2e_stop_keyd KILL
+  pass "custody-keyd killed (SIGKILL)"
+  echo go >&"${HOLD[1]}"
+  read -r -t 60 line <&"${HOLD[0]}" || fail "keyd-down client gave no verdict"
+  check "keyd down: an established connection relays 1 MiB byte for byte" \
+    test "$line" = "ok: established connection relayed 1 MiB byte for byte with keyd down"
+  wait "$HOLD_PID" 2>/dev/null || true
+  # New handshakes fail with an alert within the signing deadline: timeout(1) would say 124.
+  run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
+    -servername ec256.lab.test </dev/null
+  check "keyd down: s_client did not hang (status $E2E_RC)" test "$E2E_RC" -ne 124
+  check "keyd down: the handshake ended with a TLS alert" grep -q "alert" "$E2E_ERR"
+}
+
 # wait_tcp HOST:PORT SECONDS: poll until something accepts on HOST:PORT.
 wait_tcp() {
   python3 - "$1" "$2" <<'EOF'

@@ -46,22 +46,7 @@ e2e_stop_proxy TERM
 # ---------------------------------------------------------------- keyd killed and restarted
 proxy_config "$E2E_TMP/short.yaml" 2000 1500
 e2e_start_proxy "$E2E_TMP/short.yaml"
-coproc HOLD { python3 "$CLIENT" keyd-down "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 2>&1; }
-read -r -t 30 line <&"${HOLD[0]}" || fail "keyd-down client did not open its connection"
-check "established connection open before keyd dies" test "$line" = open
-e2e_stop_keyd KILL
-pass "custody-keyd killed (SIGKILL)"
-echo go >&"${HOLD[1]}"
-read -r -t 60 line <&"${HOLD[0]}" || fail "keyd-down client gave no verdict"
-check "established connection relays 1 MiB byte for byte with keyd down" \
-  test "$line" = "ok: established connection relayed 1 MiB byte for byte with keyd down"
-wait "$HOLD_PID" 2>/dev/null || true
-
-# New handshakes fail with an alert within the signing deadline: timeout(1) would say 124.
-run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
-  -servername ec256.lab.test </dev/null
-check "keyd down: s_client did not hang (status $E2E_RC)" test "$E2E_RC" -ne 124
-check "keyd down: the handshake ended with a TLS alert" grep -q "alert" "$E2E_ERR"
+e2e_kill_keyd_under_proxy
 check "keyd down: the proxy logged the failed handshake" grep -q "handshake failed" "$E2E_TMP/proxy.log"
 check "the log line names the client's address" \
   grep -qE '\[C[0-9]+ 127\.0\.0\.1:[0-9]+\] lab: handshake failed' "$E2E_TMP/proxy.log"

@@ -109,6 +109,16 @@ class SigningLaneTest : public ::testing::Test {
     return std::make_unique<SigningLane>(path_, epoll_.get(), &tag_, "test lane");
   }
 
+  // ConnectedLane starts the fake keyd and returns a lane connected to it.
+  std::unique_ptr<SigningLane> ConnectedLane() {
+    Listen();
+    auto lane = MakeLane();
+    lane->Connect(absl::Now());
+    EXPECT_TRUE(lane->up());
+    Accept();
+    return lane;
+  }
+
   // Requests makes `n` requests for keys "k0".."k(n-1)", recording outcomes by key name.
   provider::SignLane::Requests Requests(int n, absl::Duration timeout = absl::Seconds(2)) {
     provider::SignLane::Requests requests;
@@ -139,11 +149,7 @@ class SigningLaneTest : public ::testing::Test {
 };
 
 TEST_F(SigningLaneTest, AnswersReachTheirRequestsInAnyOrder) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  ASSERT_TRUE(lane->up());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(2);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   EXPECT_TRUE(requests.empty());
@@ -173,10 +179,7 @@ TEST_F(SigningLaneTest, AnswersReachTheirRequestsInAnyOrder) {
 }
 
 TEST_F(SigningLaneTest, MoreThanABatchLeavesInSeveralMessages) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(100);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   EXPECT_EQ(ReadRequest().items_size(), 64);
@@ -199,10 +202,7 @@ TEST_F(SigningLaneTest, WithNoKeydItRefusesAndLeavesTheRequests) {
 }
 
 TEST_F(SigningLaneTest, UnavailableIsRetriedOverGrpc) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(2);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   const custody::v1::SignStreamRequest got = ReadRequest();
@@ -223,10 +223,7 @@ TEST_F(SigningLaneTest, UnavailableIsRetriedOverGrpc) {
 }
 
 TEST_F(SigningLaneTest, ABrokenConnectionHandsItsRequestsToGrpc) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(5);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   ReadRequest();
@@ -241,10 +238,7 @@ TEST_F(SigningLaneTest, ABrokenConnectionHandsItsRequestsToGrpc) {
 }
 
 TEST_F(SigningLaneTest, AGarbledAnswerBreaksTheConnection) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(1);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   ReadRequest();
@@ -256,10 +250,7 @@ TEST_F(SigningLaneTest, AGarbledAnswerBreaksTheConnection) {
 }
 
 TEST_F(SigningLaneTest, AnOverdueAnswerExpiresAndDropsTheConnection) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(1, absl::Milliseconds(100));
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   const custody::v1::SignStreamRequest got = ReadRequest();
@@ -278,10 +269,7 @@ TEST_F(SigningLaneTest, AnOverdueAnswerExpiresAndDropsTheConnection) {
 }
 
 TEST_F(SigningLaneTest, StoppingAnswersWhatIsLeftCancelled) {
-  Listen();
-  auto lane = MakeLane();
-  lane->Connect(absl::Now());
-  Accept();
+  auto lane = ConnectedLane();
   auto requests = Requests(2);
   ASSERT_TRUE(lane->TrySend(requests, fallback_));
   lane.reset();
