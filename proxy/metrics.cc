@@ -54,7 +54,20 @@ ProxyMetrics::ProxyMetrics()
       not_after_(prometheus::BuildGauge()
                      .Name("custody_proxy_certificate_not_after_seconds")
                      .Help("notAfter of each served leaf certificate, Unix seconds")
-                     .Register(*registry_)) {}
+                     .Register(*registry_)),
+      signing_socket_requests_(Counter(
+          *registry_, "custody_proxy_signing_socket_requests_total",
+          "Handshake signatures by way of keyd's signing socket: sent on it, sent over gRPC "
+          "(socket down or full), moved to gRPC after sending (broken, keyd UNAVAILABLE)")) {
+  signing_socket_.connected = &prometheus::BuildGauge()
+                                   .Name("custody_proxy_signing_socket_connected")
+                                   .Help("Workers connected to keyd's signing socket now")
+                                   .Register(*registry_)
+                                   .Add({});
+  signing_socket_.sent = &signing_socket_requests_.Add({{"outcome", "sent"}});
+  signing_socket_.over_grpc = &signing_socket_requests_.Add({{"outcome", "grpc"}});
+  signing_socket_.moved = &signing_socket_requests_.Add({{"outcome", "moved"}});
+}
 
 absl::StatusOr<uint16_t> ProxyMetrics::Serve(const std::string& listen) {
   CUSTODY_ASSIGN_OR_RETURN(endpoint_, ServeMetrics(listen, registry_));

@@ -6,6 +6,12 @@
 //   custody_proxy_sign_duration_seconds{key,scheme}       key-service signature, request to answer
 //   custody_proxy_sign_errors_total{key,code}             signatures that failed, by status code
 //   custody_proxy_signs_in_flight                         handshake signatures awaited now
+//   custody_proxy_signing_socket_connected                workers connected to keyd's signing
+//                                                         socket now
+//   custody_proxy_signing_socket_requests_total{outcome}  signatures: sent (on the socket), grpc
+//                                                         (sent over gRPC: socket down or full),
+//                                                         moved (taken back to gRPC after
+//                                                         sending: broken, keyd UNAVAILABLE)
 //   custody_proxy_connections_open{listener}              client connections open now
 //   custody_proxy_connections_total{listener,outcome}     closed connections: ok, backend_error,
 //                                                         client_error, idle_timeout, drained
@@ -44,6 +50,14 @@ struct ListenerMetrics {
   prometheus::Counter* bytes_backend_to_client = nullptr;
 };
 
+// SigningSocketMetrics are the signing socket's series, shared by the workers' lanes.
+struct SigningSocketMetrics {
+  prometheus::Gauge* connected = nullptr;
+  prometheus::Counter* sent = nullptr;
+  prometheus::Counter* over_grpc = nullptr;
+  prometheus::Counter* moved = nullptr;
+};
+
 class ProxyMetrics {
  public:
   ProxyMetrics();
@@ -61,6 +75,7 @@ class ProxyMetrics {
   void SignStarted() { signs_in_flight_.Increment(); }
   void SignFinished() { signs_in_flight_.Decrement(); }
   void RecordAcceptPaused(bool for_handshakes);
+  SigningSocketMetrics* signing_socket() { return &signing_socket_; }
   void RecordReload(bool ok);
   void SetCertificateNotAfter(const std::string& listener, const std::string& key,
                               double unix_seconds);
@@ -82,6 +97,8 @@ class ProxyMetrics {
   prometheus::Counter& reloads_ok_;
   prometheus::Counter& reloads_refused_;
   prometheus::Family<prometheus::Gauge>& not_after_;
+  prometheus::Family<prometheus::Counter>& signing_socket_requests_;
+  SigningSocketMetrics signing_socket_;
   MetricsEndpoint endpoint_;
 
   std::mutex mu_;  // Guards the caches below.

@@ -30,14 +30,19 @@ grpc::Status Expired() {
 
 }  // namespace
 
-SigningLane::SigningLane(std::string path, int epoll_fd, void* tag, std::string label)
+SigningLane::SigningLane(std::string path, int epoll_fd, void* tag, std::string label,
+                         SigningSocketMetrics* metrics)
     : path_(std::move(path)),
       epoll_fd_(epoll_fd),
       tag_(tag),
       label_(std::move(label)),
+      metrics_(metrics),
       in_(kMaxAnswerFrame) {}
 
 SigningLane::~SigningLane() {
+  if (fd_.valid() && metrics_ != nullptr) {
+    metrics_->connected->Decrement();
+  }
   for (auto& [id, p] : pending_) {
     p.request.done(grpc::Status(grpc::StatusCode::CANCELLED, "the proxy worker stopped"), {});
   }
@@ -69,6 +74,9 @@ void SigningLane::Connect(absl::Time now) {
     return;
   }
   fd_ = std::move(fd);
+  if (metrics_ != nullptr) {
+    metrics_->connected->Increment();
+  }
   reported_down_ = false;
   out_.assign(keyservice::kSigningPreface);
   out_sent_ = 0;
@@ -82,8 +90,10 @@ bool SigningLane::TrySend(Requests& requests, const std::shared_ptr<const Fallba
     Connect(absl::Now());
   }
   if (!fd_.valid() || pending_.size() + requests.size() > kMaxPending) {
+    Count(&SigningSocketMetrics::over_grpc, requests.size());
     return false;
   }
+  Count(&SigningSocketMetrics::sent, requests.size());
   const absl::Time now = absl::Now();
   custody::v1::SignStreamRequest message;
   for (std::size_t i = 0; i < requests.size(); ++i) {
@@ -171,6 +181,7 @@ void SigningLane::ReadAnswers() {
         custody::v1::SignOutcome& outcome = *result.mutable_outcome();
         const auto code = static_cast<grpc::StatusCode>(outcome.code());
         if (code == grpc::StatusCode::UNAVAILABLE) {
+          Count(&SigningSocketMetrics::moved, 1);
           Requests again;
           again.push_back(std::move(p.request));
           (*p.fallback)(std::move(again));
@@ -210,6 +221,9 @@ void SigningLane::Break(const std::string& why) {
   spdlog::warn("{}: signing socket {}: {}; {} signatures in flight move to gRPC", label_, path_,
                why, pending_.size());
   fd_.Reset();  // Closing it takes it out of epoll.
+  if (metrics_ != nullptr) {
+    metrics_->connected->Decrement();
+  }
   out_.clear();
   out_sent_ = 0;
   retry_at_ = absl::Now() + kRetryEvery;
@@ -230,6 +244,7 @@ void SigningLane::SendOver(std::unordered_map<uint64_t, Pending> requests, absl:
         it->second.request.done(Expired(), {});
       } else {
         batch.push_back(std::move(it->second.request));
+        Count(&SigningSocketMetrics::moved, 1);
       }
       it = requests.erase(it);
     }

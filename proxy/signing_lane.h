@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "common/unique_fd.h"
 #include "keyservice/signing_socket_protocol.h"
+#include "proxy/metrics.h"
 #include "proxy/provider/key_signer.h"
 
 namespace custody::proxy {
@@ -33,8 +34,10 @@ class SigningLane final : public provider::SignLane {
   static constexpr std::size_t kMaxPending = 1024;
 
   // SigningLane will connect to `path`; `epoll_fd` and `tag` are the worker's, for the socket's
-  // events (edge-triggered), which go to OnEvent. `label` names the lane in logs ("worker 0").
-  SigningLane(std::string path, int epoll_fd, void* tag, std::string label);
+  // events (edge-triggered), which go to OnEvent. `label` names the lane in logs ("worker 0");
+  // `metrics` (may be null) count what it does.
+  SigningLane(std::string path, int epoll_fd, void* tag, std::string label,
+              SigningSocketMetrics* metrics);
   // ~SigningLane answers requests still in flight CANCELLED.
   ~SigningLane() override;
   SigningLane(const SigningLane&) = delete;
@@ -61,12 +64,18 @@ class SigningLane final : public provider::SignLane {
   void ReadAnswers();
   // Break drops the connection and sends what was in flight on it over gRPC.
   void Break(const std::string& why);
-  static void SendOver(std::unordered_map<uint64_t, Pending> requests, absl::Time now);
+  void SendOver(std::unordered_map<uint64_t, Pending> requests, absl::Time now);
+  void Count(prometheus::Counter* SigningSocketMetrics::*series, std::size_t n) const {
+    if (metrics_ != nullptr) {
+      (metrics_->*series)->Increment(static_cast<double>(n));
+    }
+  }
 
   const std::string path_;
   const int epoll_fd_;
   void* const tag_;
   const std::string label_;
+  SigningSocketMetrics* const metrics_;
   UniqueFd fd_;
   absl::Time retry_at_ = absl::InfinitePast();
   bool reported_down_ = false;  // "unreachable" is logged once until it is up again.

@@ -197,8 +197,9 @@ absl::Status Worker::Init() {
   }
   if (!signing_socket_.empty()) {
     lane_watch_ = std::make_unique<Watch>(Watch{Watch::Kind::kLane});
-    lane_ = std::make_unique<SigningLane>(signing_socket_, epoll_.get(), lane_watch_.get(),
-                                          absl::StrCat("worker ", index_));
+    lane_ =
+        std::make_unique<SigningLane>(signing_socket_, epoll_.get(), lane_watch_.get(),
+                                      absl::StrCat("worker ", index_), metrics_->signing_socket());
   }
   for (size_t i = 0; i < listen_fds_.size(); ++i) {
     listen_watches_.push_back(std::make_unique<Watch>(Watch{Watch::Kind::kListener, nullptr, i}));

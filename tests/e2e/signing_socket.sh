@@ -87,6 +87,10 @@ for spec in "${cases[@]}"; do
     "tail -n 1 '$CUSTODY_AUDIT_LOG' | grep -q '\"caller\":\"proxy\",\"peer\":\"unix:$SOCK pid=[0-9]* uid=$UID_NOW\",\"action\":\"sign\",\"key\":\"lab-$name\",\"version\":1,\"scheme\":\"$scheme\",\"outcome\":\"OK\"'"
 done
 check "no signature went over gRPC" test "$(over_grpc)" -eq 0
+check "metrics: the worker is connected to the signing socket" \
+  test "$(proxy_metric custody_proxy_signing_socket_connected)" -eq 1
+check "metrics: 5 signatures sent on the signing socket" test "$(proxy_metric \
+  'custody_proxy_signing_socket_requests_total{outcome="sent"}')" -eq 5
 e2e_stop_proxy TERM
 e2e_stop_backend
 e2e_start_backend echo # For the relay checks below.
@@ -126,6 +130,10 @@ check "no signing socket: handshakes succeed" handshake ec256
 check "no signing socket: the signature went over gRPC" test "$(over_grpc)" -eq $((before + 1))
 check "no signing socket: the proxy said so" grep -q "signing socket $SOCK unreachable" \
   "$E2E_TMP/proxy.log"
+check "no signing socket: counted as sent over gRPC" test "$(proxy_metric \
+  'custody_proxy_signing_socket_requests_total{outcome="grpc"}')" -ge 1
+check "no signing socket: no worker connected" \
+  test "$(proxy_metric custody_proxy_signing_socket_connected)" -eq 0
 e2e_stop_keyd TERM
 cp "$E2E_TMP/keyd-with-socket.yaml" "$CUSTODY_KEYD_CONFIG"
 e2e_start_keyd

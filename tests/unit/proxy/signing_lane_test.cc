@@ -106,7 +106,8 @@ class SigningLaneTest : public ::testing::Test {
   }
 
   std::unique_ptr<SigningLane> MakeLane() {
-    return std::make_unique<SigningLane>(path_, epoll_.get(), &tag_, "test lane");
+    return std::make_unique<SigningLane>(path_, epoll_.get(), &tag_, "test lane",
+                                         metrics_.signing_socket());
   }
 
   // ConnectedLane starts the fake keyd and returns a lane connected to it.
@@ -146,6 +147,12 @@ class SigningLaneTest : public ::testing::Test {
   std::shared_ptr<const provider::SignLane::Fallback> fallback_;
   std::vector<std::string> fallen_back_;
   std::map<std::string, Outcome> outcomes_;
+  ProxyMetrics metrics_;
+
+  double Sent() { return metrics_.signing_socket()->sent->Value(); }
+  double OverGrpc() { return metrics_.signing_socket()->over_grpc->Value(); }
+  double Moved() { return metrics_.signing_socket()->moved->Value(); }
+  double Connected() { return metrics_.signing_socket()->connected->Value(); }
 };
 
 TEST_F(SigningLaneTest, AnswersReachTheirRequestsInAnyOrder) {
@@ -176,6 +183,10 @@ TEST_F(SigningLaneTest, AnswersReachTheirRequestsInAnyOrder) {
   EXPECT_EQ(outcomes_["k0"].code, grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_TRUE(fallen_back_.empty());
   EXPECT_EQ(lane->pending(), 0u);
+  EXPECT_EQ(Sent(), 2);
+  EXPECT_EQ(Connected(), 1);
+  lane.reset();
+  EXPECT_EQ(Connected(), 0);
 }
 
 TEST_F(SigningLaneTest, MoreThanABatchLeavesInSeveralMessages) {
@@ -193,6 +204,8 @@ TEST_F(SigningLaneTest, WithNoKeydItRefusesAndLeavesTheRequests) {
   EXPECT_FALSE(lane->TrySend(requests, fallback_));
   EXPECT_EQ(requests.size(), 3u);  // Untouched: the caller sends them over gRPC.
   EXPECT_FALSE(lane->up());
+  EXPECT_EQ(OverGrpc(), 3);
+  EXPECT_EQ(Sent(), 0);
   // It tries again after a second, not before.
   Listen();
   lane->Connect(absl::Now());
@@ -217,6 +230,7 @@ TEST_F(SigningLaneTest, UnavailableIsRetriedOverGrpc) {
   Answer(response);
   Pump(*lane, [&] { return lane->pending() == 0; });
   EXPECT_EQ(fallen_back_, std::vector<std::string>{"k0"});
+  EXPECT_EQ(Moved(), 1);
   ASSERT_EQ(outcomes_.size(), 1u);
   EXPECT_EQ(outcomes_["k1"].code, grpc::StatusCode::OK);
   EXPECT_TRUE(lane->up());  // keyd answered: the connection stays.
@@ -231,6 +245,8 @@ TEST_F(SigningLaneTest, ABrokenConnectionHandsItsRequestsToGrpc) {
   Pump(*lane, [&] { return !lane->up(); });
   EXPECT_FALSE(lane->up());
   EXPECT_EQ(fallen_back_.size(), 5u);
+  EXPECT_EQ(Moved(), 5);
+  EXPECT_EQ(Connected(), 0);
   EXPECT_TRUE(outcomes_.empty());
   EXPECT_EQ(lane->pending(), 0u);
   auto more = Requests(1);
