@@ -432,6 +432,15 @@ void KeyServiceImpl::SignEach(int n, const SignCosts::Cost& total,
   shared->all_done.wait(lock, [&] { return shared->finished.load() == n; });
 }
 
+std::vector<ReceivedItem> TakeSignBatch(std::deque<ReceivedItem>& backlog) {
+  std::vector<ReceivedItem> batch;
+  while (!backlog.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
+    batch.push_back(std::move(backlog.front()));
+    backlog.pop_front();
+  }
+  return batch;
+}
+
 grpc::Status KeyServiceImpl::SignStreamItem(const Caller& caller, absl::Time received,
                                             const custody::v1::SignStreamItem& item,
                                             custody::v1::SignOutcome* outcome) {

@@ -57,6 +57,17 @@ struct ServiceLimits {
   std::size_t batch_parallelism = 1;
 };
 
+// ReceivedItem is one SignStream item (from gRPC's SignStream or keyd's signing socket) and when
+// it was read, waiting in a stream's backlog for its signing task.
+struct ReceivedItem {
+  custody::v1::SignStreamItem item;
+  absl::Time received;
+};
+
+// TakeSignBatch moves up to kMaxSignBatch items from the front of `backlog` (whose lock the caller
+// holds) into the result.
+std::vector<ReceivedItem> TakeSignBatch(std::deque<ReceivedItem>& backlog);
+
 // UsesSeveralCpus says whether this process may run on more than one CPU (its affinity mask).
 bool UsesSeveralCpus();
 
@@ -123,6 +134,13 @@ class KeyServiceImpl final : public custody::v1::KeyService::WithAsyncMethod_Sig
   template <typename Items, typename KeyOf>
   SignCosts::Cost CostOf(const Items& items, KeyOf key_of) const {
     return costs_.Sum(items, key_of);
+  }
+  // CostOfReceived is CostOf for a stream's backlog or batch.
+  template <typename Items>
+  SignCosts::Cost CostOfReceived(const Items& items) const {
+    return costs_.Sum(items, [](const ReceivedItem& r) -> const std::string& {
+      return r.item.request().key_name();
+    });
   }
   // SlowToSign says whether signatures of this total cost, made in turn, would take long enough
   // to be worth handing to helper threads: spread over several HSM sessions, or kept off a

@@ -197,9 +197,7 @@ class StreamCall final {
       return;  // The call's signing task takes these items next.
     }
     signing_ = true;
-    const SignCosts::Cost backlog = service_.CostOf(
-        backlog_,
-        [](const Backlogged& b) -> const std::string& { return b.item.request().key_name(); });
+    const SignCosts::Cost backlog = service_.CostOfReceived(backlog_);
     lock.unlock();
     if (KeyServiceImpl::QuickToSign(backlog)) {
       // Quick signatures (ECDSA in a local token) are made right here, as unary calls are:
@@ -221,23 +219,17 @@ class StreamCall final {
   // it signs are taken together next.
   void SignBacklog() {
     for (;;) {
-      std::vector<Backlogged> batch;
+      std::vector<ReceivedItem> batch;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        while (!backlog_.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
-          batch.push_back(std::move(backlog_.front()));
-          backlog_.pop_front();
-        }
+        batch = TakeSignBatch(backlog_);
         if (batch.empty()) {
           signing_ = false;
           MaybeFinishLocked();
           return;
         }
       }
-      const SignCosts::Cost cost = service_.CostOf(
-          batch,
-          [](const Backlogged& b) -> const std::string& { return b.item.request().key_name(); });
-      service_.SignEach(static_cast<int>(batch.size()), cost, [&](int i) {
+      service_.SignEach(static_cast<int>(batch.size()), service_.CostOfReceived(batch), [&](int i) {
         custody::v1::SignStreamResult result;
         result.set_id(batch[i].item.id());
         service_.SignStreamItem(caller_, batch[i].received, batch[i].item,
@@ -337,12 +329,8 @@ class StreamCall final {
   SignStreamResponse queued_;         // Results waiting for the write in progress.
   SignStreamResponse sending_;        // The write in progress.
   std::unordered_set<uint64_t> ids_;  // Items read and not yet answered (backlog included).
-  struct Backlogged {
-    custody::v1::SignStreamItem item;
-    absl::Time received;
-  };
-  std::deque<Backlogged> backlog_;  // Read, not yet taken by the signing task.
-  bool signing_ = false;            // The signing task is posted or running.
+  std::deque<ReceivedItem> backlog_;  // Read, not yet taken by the signing task.
+  bool signing_ = false;              // The signing task is posted or running.
   bool reading_ = false;
   bool read_done_ = false;
   bool writing_ = false;

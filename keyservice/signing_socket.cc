@@ -56,11 +56,6 @@ class SigningSocket::Connection {
   }
 
  private:
-  struct Backlogged {
-    custody::v1::SignStreamItem item;
-    absl::Time received;
-  };
-
   // Read reads until the end of the stream; it returns why the client broke the protocol, or ""
   // for a clean end.
   std::string Read() {
@@ -133,7 +128,7 @@ class SigningSocket::Connection {
       return "";  // The signing task takes these next.
     }
     signing_ = true;
-    const SignCosts::Cost cost = owner_.service_.CostOf(backlog_, KeyOf);
+    const SignCosts::Cost cost = owner_.service_.CostOfReceived(backlog_);
     lock.unlock();
     if (KeyServiceImpl::QuickToSign(cost)) {
       SignBacklog();  // Quick (ECDSA in a local token): a hand-off would cost more.
@@ -143,21 +138,16 @@ class SigningSocket::Connection {
     return "";
   }
 
-  static const std::string& KeyOf(const Backlogged& b) { return b.item.request().key_name(); }
-
   // SignBacklog signs what was read, up to kMaxSignBatch items at a time (several at once when
   // that pays, see KeyServiceImpl::SignEach), and writes each batch's answers in one frame,
   // until nothing is left.
   void SignBacklog() {
     std::string out;
     for (;;) {
-      std::vector<Backlogged> batch;
+      std::vector<ReceivedItem> batch;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        while (!backlog_.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {
-          batch.push_back(std::move(backlog_.front()));
-          backlog_.pop_front();
-        }
+        batch = TakeSignBatch(backlog_);
         if (batch.empty()) {
           signing_ = false;
           changed_.notify_all();
@@ -166,10 +156,10 @@ class SigningSocket::Connection {
       }
       const int n = static_cast<int>(batch.size());
       custody::v1::SignStreamResponse response;
-      for (const Backlogged& b : batch) {
+      for (const ReceivedItem& b : batch) {
         response.add_results()->set_id(b.item.id());
       }
-      owner_.service_.SignEach(n, owner_.service_.CostOf(batch, KeyOf), [&](int i) {
+      owner_.service_.SignEach(n, owner_.service_.CostOfReceived(batch), [&](int i) {
         owner_.service_.SignStreamItem(caller_, batch[i].received, batch[i].item,
                                        response.mutable_results(i)->mutable_outcome());
       });
@@ -177,7 +167,7 @@ class SigningSocket::Connection {
       AppendFrame(response, out);
       const bool written = !broken_ && WriteAll(out);
       std::lock_guard<std::mutex> lock(mu_);
-      for (const Backlogged& b : batch) {
+      for (const ReceivedItem& b : batch) {
         ids_.erase(b.item.id());
       }
       if (!written && !broken_) {
@@ -211,7 +201,7 @@ class SigningSocket::Connection {
 
   std::mutex mu_;  // Guards what follows.
   std::condition_variable changed_;
-  std::deque<Backlogged> backlog_;    // Read, not yet taken by the signing task.
+  std::deque<ReceivedItem> backlog_;  // Read, not yet taken by the signing task.
   std::unordered_set<uint64_t> ids_;  // Read, not yet answered (backlog included).
   bool signing_ = false;              // The signing task is posted or running.
   bool broken_ = false;               // An answer could not be written.
