@@ -141,11 +141,26 @@ struct Worker::Connection {
   bool backend_writable = true;
   // The backend has closed its side (or failed): a short read no longer proves the socket empty.
   bool backend_hup = false;
+  // The same for the client; and whether the last read from its socket was short (set by
+  // NoteShortRead on the socket's BIO), which proves the socket empty unless it hung up.
+  bool client_hup = false;
+  bool client_short_read = false;
   RelayBuffer to_backend;
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
   uint64_t bytes_to_client = 0;
 };
+
+// NoteShortRead is the client socket BIO's callback: after each read it records whether the
+// kernel gave fewer bytes than OpenSSL asked for, i.e. the socket was emptied (see Pump).
+static long NoteShortRead(BIO* bio, int oper, const char* /*argp*/, size_t len, int /*argi*/,
+                          long /*argl*/, int ret, size_t* processed) {
+  if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
+    *reinterpret_cast<bool*>(BIO_get_callback_arg(bio)) =
+        ret > 0 && processed != nullptr && *processed < len;
+  }
+  return ret;
+}
 
 namespace {
 // The worker whose loop runs on this thread (answers read by its own signing lane are queued
@@ -396,6 +411,9 @@ void Worker::OnAccept(size_t listener) {
       continue;  // `c` closes the socket.
     }
     c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
+    BIO* rbio = SSL_get_rbio(c->ssl.get());
+    BIO_set_callback_ex(rbio, &NoteShortRead);
+    BIO_set_callback_arg(rbio, reinterpret_cast<char*>(&c->client_short_read));
     // Signatures answered wake this worker's one eventfd (no eventfd per connection).
     c->notify = {this, c->id};
     SSL_set_async_callback(c->ssl.get(), &AsyncReady);
@@ -481,6 +499,7 @@ void Worker::OnEvent(Watch* watch, uint32_t events) {
   if (watch->kind == Watch::Kind::kClient) {
     c.client_readable |= failed || (events & EPOLLIN) != 0;
     c.client_writable |= failed || (events & EPOLLOUT) != 0;
+    c.client_hup |= failed || (events & EPOLLRDHUP) != 0;
   } else if (watch->kind == Watch::Kind::kBackend) {
     c.backend_readable |= failed || (events & EPOLLIN) != 0;
     c.backend_writable |= failed || (events & EPOLLOUT) != 0;
@@ -706,11 +725,19 @@ bool Worker::Pump(Connection& c) {
     if (!c.client_eof && c.to_backend.space() > 0 &&
         (may_read_client || SSL_has_pending(c.ssl.get()) == 1)) {
       ERR_clear_error();
+      c.client_short_read = false;
       const int n =
           SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
       if (n > 0) {
         c.to_backend.Produce(static_cast<uint32_t>(n));
         progress = true;
+        // The socket was emptied and OpenSSL holds nothing more: skip the read that would only
+        // say EAGAIN (edge-triggered epoll reports the next bytes), unless the client's FIN is
+        // already in (then read on, to see the end).
+        if (c.client_short_read && !c.client_hup && c.ssl_read_want == EPOLLIN &&
+            SSL_has_pending(c.ssl.get()) == 0) {
+          c.client_readable = false;
+        }
       } else {
         switch (SSL_get_error(c.ssl.get(), n)) {
           case SSL_ERROR_WANT_READ:

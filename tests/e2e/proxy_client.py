@@ -9,6 +9,10 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
   keyd-down ADDR CA PHASE          PHASE=open: open a connection, relay, keep it open, wait
                                    for "go" on stdin, relay again byte for byte
   relay ADDR CA [SIZE]             SIZE random bytes through an echo backend, unchanged
+  half-close ADDR CA               data and close_notify in one write, then only reading: the
+                                   echo comes back whole, then the proxy's close_notify
+  truncate ADDR CA                 data and the TCP FIN in one go, no close_notify: the proxy
+                                   ends the connection (before its idle timeout)
   idle ADDR CA                     relay once, then wait for the proxy to close (idle timeout)
   bad-input ADDR KIND              garbage / partial / slowloris / silent: the proxy ends the
                                    connection; prints how
@@ -239,6 +243,99 @@ def relay(addr, ca, size="1048576", sni="ec256.lab.test"):
     ok(f"{size} bytes relayed both ways, unchanged")
 
 
+def memory_tls(addr, ca, sni="ec256.lab.test"):
+    """A TLS client over memory BIOs, so that the test decides what goes on the wire and when."""
+    raw = socket.create_connection(split_addr(addr), timeout=30)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context(ca).wrap_bio(incoming, outgoing, server_hostname=sni)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            if not data:
+                fail("the proxy closed during the handshake")
+            incoming.write(data)
+    raw.sendall(outgoing.read())
+    return raw, tls, incoming, outgoing
+
+
+def half_close(addr, ca):
+    """The client's close_notify arrives with its last bytes; the proxy passes the end on to the
+    backend (shutdown(SHUT_WR)) once they are delivered, and keeps relaying the other way: the
+    echo backend's answer comes back whole, then the proxy's close_notify."""
+    raw, tls, incoming, outgoing = memory_tls(addr, ca)
+    payload = os.urandom(200000)
+    tls.write(payload)
+    try:
+        tls.unwrap()  # Queues our close_notify; the peer's is read below.
+    except ssl.SSLWantReadError:
+        pass
+    raw.sendall(outgoing.read())  # The data and the close_notify, in one go.
+    got = bytearray()
+    ended = False
+    while not ended:
+        data = raw.recv(65536)
+        if not data:
+            break
+        incoming.write(data)
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                ended = True
+                break
+            if not chunk:
+                ended = True
+                break
+            got += chunk
+    raw.close()
+    if bytes(got) != payload:
+        fail(f"half-close: {len(got)} of {len(payload)} bytes came back")
+    ok("half-close: 200000 bytes sent with close_notify came back whole")
+    if not ended:
+        fail("half-close: the connection ended without the proxy's close_notify")
+    ok("half-close: then the proxy's close_notify (the backend's end, passed on)")
+
+
+def truncate(addr, ca):
+    """Application data and the FIN together, without close_notify: the proxy must see the end
+    at once (not at its idle timeout), although the FIN came in with the last bytes."""
+    raw, tls, incoming, outgoing = memory_tls(addr, ca)
+    # One echo first, so that the proxy is idle in its relay (not still in the handshake, whose
+    # reads would take the data and the FIN along) when the last words come.
+    tls.write(b"ping")
+    raw.sendall(outgoing.read())
+    echo = b""
+    while len(echo) < 4:
+        data = raw.recv(65536)
+        if not data:
+            fail("truncation: the proxy closed before the echo")
+        incoming.write(data)
+        try:
+            echo += tls.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+    tls.write(b"last words")
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # Held back, to leave with the FIN:
+    raw.sendall(outgoing.read())
+    raw.shutdown(socket.SHUT_WR)  # one segment, data and FIN, one readiness event.
+    raw.settimeout(30)
+    try:
+        while raw.recv(65536):
+            pass
+    except socket.timeout:
+        fail("truncation: the connection is still open 30 s after the client's FIN")
+    except OSError:
+        pass  # Reset: ended too.
+    raw.close()
+    ok("truncation: the proxy ended the connection after the client's FIN came with its data")
+
+
 def http_get(sock, f, path, host):
     """One HTTP/1.1 request on a keep-alive connection (f: the socket's reader, kept across
     requests); returns the status line and body."""
@@ -378,6 +475,10 @@ def main():
         keyd_down(*args)
     elif cmd == "relay":
         relay(*args)
+    elif cmd == "half-close":
+        half_close(*args)
+    elif cmd == "truncate":
+        truncate(*args)
     elif cmd == "idle":
         idle(*args)
     elif cmd == "bad-input":

@@ -80,6 +80,18 @@ run_capture python3 "$CLIENT" relay "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
 [[ $E2E_RC -eq 0 ]] || _e2e_show_output
 check "bad input: a good client still relays afterwards" test "$E2E_RC" -eq 0
 
+# ---------------------------------------------------------------- half-close, truncation
+run_capture python3 "$CLIENT" half-close "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+while read -r line; do pass "${line#ok: }"; done < <(grep '^ok:' "$E2E_OUT")
+check "half-close: the client saw both" test "$(grep -c '^ok:' "$E2E_OUT")" -eq 2
+# The FIN comes in with the last bytes: the proxy must see it now, not at its idle timeout (60 s;
+# the client gives up after 30 s).
+run_capture python3 "$CLIENT" truncate "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+check "truncation: the proxy ended the connection at the client's FIN" grep -q '^ok: truncation' \
+  "$E2E_OUT"
+
 # ---------------------------------------------------------------- idle timeout (after a reload)
 sed -i 's/idle_timeout_ms: 60000/idle_timeout_ms: 1000/' "$E2E_TMP/short.yaml"
 kill -HUP "$PROXY_PID"
