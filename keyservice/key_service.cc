@@ -432,6 +432,29 @@ void KeyServiceImpl::SignEach(int n, const SignCosts::Cost& total,
   shared->all_done.wait(lock, [&] { return shared->finished.load() == n; });
 }
 
+absl::Status TakeSignStreamMessage(custody::v1::SignStreamRequest& message, absl::Time received,
+                                   std::unordered_set<uint64_t>& pending,
+                                   std::deque<ReceivedItem>& backlog) {
+  const int n = message.items_size();
+  if (n == 0 || n > kMaxSignBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a SignStream message holds 1 to ", kMaxSignBatch, " items, not ", n));
+  }
+  for (int i = 0; i < n; ++i) {
+    if (!pending.insert(message.items(i).id()).second) {
+      for (int j = 0; j < i; ++j) {
+        pending.erase(message.items(j).id());  // None of this message is taken.
+      }
+      return absl::InvalidArgumentError(
+          absl::StrCat("SignStream item id ", message.items(i).id(), " is already pending"));
+    }
+  }
+  for (custody::v1::SignStreamItem& item : *message.mutable_items()) {
+    backlog.push_back({std::move(item), received});
+  }
+  return absl::OkStatus();
+}
+
 std::vector<ReceivedItem> TakeSignBatch(std::deque<ReceivedItem>& backlog) {
   std::vector<ReceivedItem> batch;
   while (!backlog.empty() && static_cast<int>(batch.size()) < kMaxSignBatch) {

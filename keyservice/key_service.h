@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -63,6 +64,13 @@ struct ReceivedItem {
   custody::v1::SignStreamItem item;
   absl::Time received;
 };
+
+// TakeSignStreamMessage checks one SignStream message read at `received` (1 to kMaxSignBatch
+// items, ids not in `pending`) and moves its items to the end of `backlog`, their ids into
+// `pending`. A message that breaks a rule is refused whole (INVALID_ARGUMENT, saying which).
+absl::Status TakeSignStreamMessage(custody::v1::SignStreamRequest& message, absl::Time received,
+                                   std::unordered_set<uint64_t>& pending,
+                                   std::deque<ReceivedItem>& backlog);
 
 // TakeSignBatch moves up to kMaxSignBatch items from the front of `backlog` (whose lock the caller
 // holds) into the result.

@@ -7,7 +7,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
-#include "keyservice/limits.h"
 
 namespace custody::keyservice {
 namespace {
@@ -168,26 +167,9 @@ class StreamCall final {
       MaybeFinishLocked();
       return;
     }
-    const int n = in_.items_size();
-    if (n == 0 || n > kMaxSignBatch) {
-      FailLocked(grpc::Status(
-          grpc::StatusCode::INVALID_ARGUMENT,
-          absl::StrCat("a SignStream message holds 1 to ", kMaxSignBatch, " items, not ", n)));
+    if (absl::Status st = TakeSignStreamMessage(in_, received, ids_, backlog_); !st.ok()) {
+      FailLocked(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(st.message())));
       return;
-    }
-    for (int i = 0; i < n; ++i) {
-      if (!ids_.insert(in_.items(i).id()).second) {
-        for (int j = 0; j < i; ++j) {
-          ids_.erase(in_.items(j).id());  // None of this message is taken.
-        }
-        FailLocked(grpc::Status(
-            grpc::StatusCode::INVALID_ARGUMENT,
-            absl::StrCat("SignStream item id ", in_.items(i).id(), " is already pending")));
-        return;
-      }
-    }
-    for (custody::v1::SignStreamItem& item : *in_.mutable_items()) {
-      backlog_.push_back({std::move(item), received});
     }
     in_.Clear();
     if (PendingLocked() < kMaxStreamPending) {

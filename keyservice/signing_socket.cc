@@ -14,7 +14,6 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/status.h"
-#include "keyservice/limits.h"
 #include "keyservice/signing_socket_protocol.h"
 
 namespace custody::keyservice {
@@ -108,21 +107,9 @@ class SigningSocket::Connection {
     if (!request.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
       return "a frame is not a SignStreamRequest";
     }
-    const int n = request.items_size();
-    if (n == 0 || n > kMaxSignBatch) {
-      return absl::StrCat("a request message holds 1 to ", kMaxSignBatch, " items, not ", n);
-    }
     std::unique_lock<std::mutex> lock(mu_);
-    for (int i = 0; i < n; ++i) {
-      if (!ids_.insert(request.items(i).id()).second) {
-        for (int j = 0; j < i; ++j) {
-          ids_.erase(request.items(j).id());
-        }
-        return absl::StrCat("item id ", request.items(i).id(), " is already pending");
-      }
-    }
-    for (custody::v1::SignStreamItem& item : *request.mutable_items()) {
-      backlog_.push_back({std::move(item), received});
+    if (absl::Status st = TakeSignStreamMessage(request, received, ids_, backlog_); !st.ok()) {
+      return std::string(st.message());
     }
     if (signing_) {
       return "";  // The signing task takes these next.

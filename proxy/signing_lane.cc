@@ -36,12 +36,12 @@ SigningLane::SigningLane(std::string path, int epoll_fd, void* tag, std::string 
       epoll_fd_(epoll_fd),
       tag_(tag),
       label_(std::move(label)),
-      metrics_(metrics),
+      metrics_(*metrics),
       in_(kMaxAnswerFrame) {}
 
 SigningLane::~SigningLane() {
-  if (fd_.valid() && metrics_ != nullptr) {
-    metrics_->connected->Decrement();
+  if (fd_.valid()) {
+    metrics_.connected->Decrement();
   }
   for (auto& [id, p] : pending_) {
     p.request.done(grpc::Status(grpc::StatusCode::CANCELLED, "the proxy worker stopped"), {});
@@ -74,9 +74,7 @@ void SigningLane::Connect(absl::Time now) {
     return;
   }
   fd_ = std::move(fd);
-  if (metrics_ != nullptr) {
-    metrics_->connected->Increment();
-  }
+  metrics_.connected->Increment();
   reported_down_ = false;
   out_.assign(keyservice::kSigningPreface);
   out_sent_ = 0;
@@ -221,9 +219,7 @@ void SigningLane::Break(const std::string& why) {
   spdlog::warn("{}: signing socket {}: {}; {} signatures in flight move to gRPC", label_, path_,
                why, pending_.size());
   fd_.Reset();  // Closing it takes it out of epoll.
-  if (metrics_ != nullptr) {
-    metrics_->connected->Decrement();
-  }
+  metrics_.connected->Decrement();
   out_.clear();
   out_sent_ = 0;
   retry_at_ = absl::Now() + kRetryEvery;

@@ -35,7 +35,7 @@ class SigningLane final : public provider::SignLane {
 
   // SigningLane will connect to `path`; `epoll_fd` and `tag` are the worker's, for the socket's
   // events (edge-triggered), which go to OnEvent. `label` names the lane in logs ("worker 0");
-  // `metrics` (may be null) count what it does.
+  // `metrics` (outliving the lane) count what it does.
   SigningLane(std::string path, int epoll_fd, void* tag, std::string label,
               SigningSocketMetrics* metrics);
   // ~SigningLane answers requests still in flight CANCELLED.
@@ -66,16 +66,14 @@ class SigningLane final : public provider::SignLane {
   void Break(const std::string& why);
   void SendOver(std::unordered_map<uint64_t, Pending> requests, absl::Time now);
   void Count(prometheus::Counter* SigningSocketMetrics::*series, std::size_t n) const {
-    if (metrics_ != nullptr) {
-      (metrics_->*series)->Increment(static_cast<double>(n));
-    }
+    (metrics_.*series)->Increment(static_cast<double>(n));
   }
 
   const std::string path_;
   const int epoll_fd_;
   void* const tag_;
   const std::string label_;
-  SigningSocketMetrics* const metrics_;
+  const SigningSocketMetrics& metrics_;
   UniqueFd fd_;
   absl::Time retry_at_ = absl::InfinitePast();
   bool reported_down_ = false;  // "unreachable" is logged once until it is up again.
