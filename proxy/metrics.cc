@@ -42,6 +42,12 @@ ProxyMetrics::ProxyMetrics()
                       "Closed client connections by listener and how they ended")),
       bytes_(Counter(*registry_, "custody_proxy_bytes_total",
                      "Plaintext bytes relayed, by listener and direction")),
+      relay_buffer_bytes_(prometheus::BuildGauge()
+                              .Name("custody_proxy_relay_buffer_bytes")
+                              .Help("Relay buffer memory held now; a connection idle for 1 s "
+                                    "gives its buffers back (OpenSSL's too)")
+                              .Register(*registry_)
+                              .Add({})),
       accept_paused_(Counter(*registry_, "custody_proxy_accept_paused_total",
                              "Times a worker stopped accepting at a limit (connections, "
                              "handshakes)")),

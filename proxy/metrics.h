@@ -17,6 +17,8 @@
 //                                                         client_error, idle_timeout, drained
 //   custody_proxy_bytes_total{listener,direction}         relayed: client_to_backend,
 //                                                         backend_to_client
+//   custody_proxy_relay_buffer_bytes                      relay buffer memory held now
+//                                                         (connections idle 1 s give theirs back)
 //   custody_proxy_accept_paused_total{reason}             accepting paused: connections, handshakes
 //   custody_proxy_config_reloads_total{outcome}           SIGHUP reloads: ok, refused
 //   custody_proxy_certificate_not_after_seconds{listener,key}  served leaf certificate expiry
@@ -76,6 +78,7 @@ class ProxyMetrics {
   void SignFinished() { signs_in_flight_.Decrement(); }
   void RecordAcceptPaused(bool for_handshakes);
   SigningSocketMetrics* signing_socket() { return &signing_socket_; }
+  prometheus::Gauge* relay_buffer_bytes() { return &relay_buffer_bytes_; }
   void RecordReload(bool ok);
   void SetCertificateNotAfter(const std::string& listener, const std::string& key,
                               double unix_seconds);
@@ -90,6 +93,7 @@ class ProxyMetrics {
   prometheus::Family<prometheus::Gauge>& open_;
   prometheus::Family<prometheus::Counter>& closed_;
   prometheus::Family<prometheus::Counter>& bytes_;
+  prometheus::Gauge& relay_buffer_bytes_;
   prometheus::Family<prometheus::Counter>& accept_paused_;
   prometheus::Family<prometheus::Counter>& reloads_;
   prometheus::Counter& paused_connections_;

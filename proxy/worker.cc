@@ -37,6 +37,10 @@ constexpr int kPumpRoundsPerTurn = 16;
 constexpr int kMaxEvents = 256;
 constexpr int kAcceptsPerTurn = 64;
 constexpr int64_t kSweepMs = 100;
+// A relaying connection with no byte moving for this long gives back its relay buffers and
+// OpenSSL's record buffers (both are taken again by the next read or write): an idle keep-alive
+// connection then holds no buffer memory.
+constexpr int64_t kReleaseIdleMs = 1000;
 constexpr int64_t kAcceptBackoffMs = 100;
 
 // SslErrorText drains this thread's OpenSSL errors into one line (for logs).
@@ -62,26 +66,55 @@ struct Worker::Watch {
   size_t listener = 0;
 };
 
-// RelayBuffer holds bytes read from one side until the other side takes them.
+// RelayBuffer holds bytes read from one side until the other side takes them. Its memory is
+// taken when a read needs room (space) and given back by Release, so an idle connection holds
+// none; `held` counts what all buffers hold.
 struct RelayBuffer {
   std::unique_ptr<char[]> data;
+  prometheus::Gauge* held = nullptr;
   uint32_t cap = 0;
   uint32_t start = 0;
   uint32_t end = 0;
 
-  void Allocate(uint32_t bytes) {
-    data.reset(new char[bytes]);
+  RelayBuffer() = default;
+  RelayBuffer(const RelayBuffer&) = delete;
+  RelayBuffer& operator=(const RelayBuffer&) = delete;
+  ~RelayBuffer() {
+    if (data != nullptr) {
+      held->Decrement(cap);
+    }
+  }
+
+  // Init sets the size taken on first use; no memory yet.
+  void Init(uint32_t bytes, prometheus::Gauge* held_bytes) {
     cap = bytes;
+    held = held_bytes;
   }
   uint32_t size() const { return end - start; }
-  // space is what can be appended; a drained front is reclaimed first.
+  // space is what can be appended, taking the memory if none is held; a drained front is
+  // reclaimed first.
   uint32_t space() {
+    if (data == nullptr) {
+      data.reset(new char[cap]);
+      held->Increment(cap);
+    }
     if (end == cap && start > 0) {
       std::memmove(data.get(), data.get() + start, end - start);
       end -= start;
       start = 0;
     }
     return cap - end;
+  }
+  // Release gives the memory back if no byte is waiting in it; returns whether none is held.
+  bool Release() {
+    if (size() > 0) {
+      return false;
+    }
+    if (data != nullptr) {
+      data.reset();
+      held->Decrement(cap);
+    }
+    return true;
   }
   char* head() { return data.get() + start; }
   char* tail() { return data.get() + end; }
@@ -126,6 +159,7 @@ struct Worker::Connection {
   bool abandoned = false;  // Closed while paused: freed once the job has finished.
   bool closed = false;     // Waiting to be freed at the end of the loop turn.
   bool queued_pump = false;
+  bool buffers_released = false;  // Since the last Pump (see kReleaseIdleMs).
 
   bool client_eof = false;         // No more bytes will come from the client.
   bool backend_eof = false;        // No more bytes will come from the backend.
@@ -651,8 +685,8 @@ void Worker::FailHandshake(Connection& c, HandshakeOutcome outcome, const std::s
 
 void Worker::StartBackend(Connection& c) {
   const ListenerRuntime& rt = *c.runtime;
-  c.to_backend.Allocate(state_->limits.buffer_bytes());
-  c.to_client.Allocate(state_->limits.buffer_bytes());
+  c.to_backend.Init(state_->limits.buffer_bytes(), metrics_->relay_buffer_bytes());
+  c.to_client.Init(state_->limits.buffer_bytes(), metrics_->relay_buffer_bytes());
   if (rt.proxy_protocol != ProxyProtocol::kOff) {
     // The header goes first, before any byte of the client's (the buffer is empty here, and
     // at most 107 bytes are far below its smallest size).
@@ -662,6 +696,7 @@ void Worker::StartBackend(Connection& c) {
       local.ss_family = AF_UNSPEC;  // The header then says the addresses are unknown.
     }
     const std::string header = ProxyProtocolHeader(rt.proxy_protocol, c.peer, local);
+    c.to_backend.space();  // Takes the buffer's memory.
     std::memcpy(c.to_backend.tail(), header.data(), header.size());
     c.to_backend.Produce(static_cast<uint32_t>(header.size()));
   }
@@ -712,6 +747,7 @@ void Worker::OnBackendConnected(Connection& c) {
 // that were not ready. It reads from a side only while its buffer has room (backpressure) and
 // passes each side's end on once its buffer is empty (half-close).
 bool Worker::Pump(Connection& c) {
+  c.buffers_released = false;
   bool moved = false;  // Any round made progress.
   const bool connected = c.phase == Connection::Phase::kRelay;
   bool progress = true;
@@ -722,8 +758,9 @@ bool Worker::Pump(Connection& c) {
     progress = false;
     // Client -> buffer.
     const bool may_read_client = c.ssl_read_want == EPOLLIN ? c.client_readable : c.client_writable;
-    if (!c.client_eof && c.to_backend.space() > 0 &&
-        (may_read_client || SSL_has_pending(c.ssl.get()) == 1)) {
+    // (Readiness first: space() takes the buffer's memory.)
+    if (!c.client_eof && (may_read_client || SSL_has_pending(c.ssl.get()) == 1) &&
+        c.to_backend.space() > 0) {
       ERR_clear_error();
       c.client_short_read = false;
       const int n =
@@ -781,7 +818,7 @@ bool Worker::Pump(Connection& c) {
       c.backend_shut_wr = true;
     }
     // Backend -> buffer.
-    if (connected && !c.backend_eof && c.to_client.space() > 0 && c.backend_readable) {
+    if (connected && !c.backend_eof && c.backend_readable && c.to_client.space() > 0) {
       const std::size_t space = c.to_client.space();
       const ssize_t n = ::recv(c.backend.get(), c.to_client.tail(), space, 0);
       if (n > 0) {
@@ -965,6 +1002,12 @@ void Worker::Sweep(int64_t now) {
         if (now - c.last_active_ms >= state_->limits.idle_timeout_ms()) {
           Close(c, CloseReason::kIdleTimeout,
                 absl::StrCat("idle for ", state_->limits.idle_timeout_ms(), " ms"));
+        } else if (!c.buffers_released && now - c.last_active_ms >= kReleaseIdleMs) {
+          // Bytes waiting (a side not taking them) keep their buffer; OpenSSL keeps its own
+          // while a record is partly read or written (SSL_free_buffers says so).
+          const bool to_backend = c.to_backend.Release();
+          const bool to_client = c.to_client.Release();
+          c.buffers_released = to_backend && to_client && SSL_free_buffers(c.ssl.get()) == 1;
         }
         break;
     }

@@ -14,6 +14,8 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
   truncate ADDR CA                 data and the TCP FIN in one go, no close_notify: the proxy
                                    ends the connection (before its idle timeout)
   idle ADDR CA                     relay once, then wait for the proxy to close (idle timeout)
+  idle-buffers ADDR CA N BUFFER    N quiet connections give their relay buffers back, a stuck
+                                   one keeps its bytes (see its docstring)
   bad-input ADDR KIND              garbage / partial / slowloris / silent: the proxy ends the
                                    connection; prints how
   hold ADDR CA SNI                 open a TLS connection, print "open", then for each stdin line
@@ -405,6 +407,98 @@ def idle(addr, ca):
     ok("an idle connection was closed by the proxy")
 
 
+def wait_metric(name, want, timeout=30):
+    """Polls the proxy's metric NAME until it equals WANT; returns the last value seen."""
+    deadline = time.monotonic() + timeout
+    value = proxy_metric(name)
+    while value != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = proxy_metric(name)
+    return value
+
+
+def idle_buffers(addr, ca, n, buffer_bytes):
+    """Idle connections hold no relay buffer; bytes waiting in one are never dropped.
+
+    N connections relay once and go quiet. One more (over memory BIOs) sends without reading
+    until its socket takes nothing for 2 s: the echo backend stops reading once its answers
+    back up, so bytes wait in both of that connection's relay buffers. The proxy's
+    custody_proxy_relay_buffer_bytes must come down to exactly those two buffers (the quiet
+    ones gave theirs back; the stuck one, idle too, kept its bytes). Then the stuck connection
+    reads every byte back unchanged, each quiet one relays again unchanged, and once all are
+    closed the gauge is 0."""
+    import select
+    n, buffer_bytes = int(n), int(buffer_bytes)
+    gauge = "custody_proxy_relay_buffer_bytes"
+    quiet = [connect(addr, ca) for _ in range(n)]
+    for s in quiet:
+        payload = os.urandom(1000)
+        if echo_round(s, payload) != payload:
+            fail("echo differs before going quiet")
+
+    raw, tls, incoming, outgoing = memory_tls(addr, ca)
+    raw.setblocking(False)
+    sent = bytearray()
+    pending = b""  # Records not yet taken by the socket.
+    while True:
+        if not pending:
+            if len(sent) >= 256 << 20:
+                fail("256 MiB sent and the connection never backed up")
+            chunk = os.urandom(65536)
+            tls.write(chunk)
+            sent += chunk
+            pending = outgoing.read()
+        _, writable, _ = select.select([], [raw], [], 2)
+        if not writable:
+            break  # Every buffer on the way is full.
+        try:
+            pending = pending[raw.send(pending):]
+        except BlockingIOError:
+            pass
+    held = wait_metric(gauge, 2 * buffer_bytes)
+    if held != 2 * buffer_bytes:
+        fail(f"{gauge} is {held:.0f}, not {2 * buffer_bytes} (the stuck connection's two)")
+    ok(f"{n} idle connections gave their relay buffers back; the backed-up one kept its two "
+       f"({held:.0f} bytes)")
+
+    got = bytearray()
+    while len(got) < len(sent):
+        readable, writable, _ = select.select([raw], [raw] if pending else [], [], 30)
+        if not readable and not writable:
+            fail(f"the echo stopped after {len(got)} of {len(sent)} bytes")
+        if writable:
+            try:
+                pending = pending[raw.send(pending):]
+            except BlockingIOError:
+                pass
+        if readable:
+            data = raw.recv(1 << 20)
+            if not data:
+                fail(f"the proxy closed after {len(got)} of {len(sent)} bytes")
+            incoming.write(data)
+            while True:
+                try:
+                    got += tls.read(1 << 20)
+                except ssl.SSLWantReadError:
+                    break
+    if got != sent:
+        fail("the backed-up connection's echo differs")
+    ok(f"the backed-up connection got all {len(sent)} bytes back, unchanged")
+
+    for s in quiet:
+        payload = os.urandom(100000)
+        if echo_round(s, payload) != payload:
+            fail("echo differs after the buffers were given back")
+    ok(f"the {n} quiet connections relay again, unchanged")
+    for s in quiet:
+        s.close()
+    raw.close()
+    left = wait_metric(gauge, 0)
+    if left != 0:
+        fail(f"{gauge} is {left:.0f} with every connection closed")
+    ok(f"{gauge} is 0 once all are closed")
+
+
 def bad_input(addr, kind):
     """Sends bad bytes of one KIND and reports how the proxy ended the connection."""
     s = socket.create_connection(split_addr(addr), timeout=30)
@@ -481,6 +575,8 @@ def main():
         truncate(*args)
     elif cmd == "idle":
         idle(*args)
+    elif cmd == "idle-buffers":
+        idle_buffers(*args)
     elif cmd == "bad-input":
         bad_input(*args)
     elif cmd == "hold":

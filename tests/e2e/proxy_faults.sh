@@ -5,7 +5,8 @@
 # - custody-keyd killed: established connections relay byte for byte, new handshakes fail with
 #   a TLS alert (no hang), and succeed again once keyd is back, without restarting the proxy;
 # - bad input (garbage, plain HTTP, a cut-short ClientHello, a slowloris, a silent client) and
-#   a backend that refuses or resets: that connection ends and is logged, nothing else suffers.
+#   a backend that refuses or resets: that connection ends and is logged, nothing else suffers;
+# - idle connections give their relay buffers back; bytes waiting in a buffer are never dropped.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 CLIENT="$E2E_LIB_DIR/proxy_client.py"
 
@@ -91,6 +92,13 @@ run_capture python3 "$CLIENT" truncate "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
 [[ $E2E_RC -eq 0 ]] || _e2e_show_output
 check "truncation: the proxy ended the connection at the client's FIN" grep -q '^ok: truncation' \
   "$E2E_OUT"
+
+# ---------------------------------------------------------------- idle connections' buffers
+# 16384: limits.buffer_bytes's default (the lab's config leaves it).
+run_capture python3 "$CLIENT" idle-buffers "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 20 16384
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+while read -r line; do pass "idle buffers: ${line#ok: }"; done < <(grep '^ok:' "$E2E_OUT")
+check "idle buffers: every check passed" test "$E2E_RC" -eq 0
 
 # ---------------------------------------------------------------- idle timeout (after a reload)
 sed -i 's/idle_timeout_ms: 60000/idle_timeout_ms: 1000/' "$E2E_TMP/short.yaml"
