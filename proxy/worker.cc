@@ -2,6 +2,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/bio.h>
 #include <openssl/err.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -176,7 +177,7 @@ struct Worker::Connection {
   // The backend has closed its side (or failed): a short read no longer proves the socket empty.
   bool backend_hup = false;
   // The same for the client; and whether the last read from its socket was short (set by
-  // NoteShortRead on the socket's BIO), which proves the socket empty unless it hung up.
+  // the socket's BIO, see ReadNotingShort), which proves the socket empty unless it hung up.
   bool client_hup = false;
   bool client_short_read = false;
   RelayBuffer to_backend;
@@ -185,18 +186,56 @@ struct Worker::Connection {
   uint64_t bytes_to_client = 0;
 };
 
-// NoteShortRead is the client socket BIO's callback: after each read it records whether the
-// kernel gave fewer bytes than OpenSSL asked for, i.e. the socket was emptied (see Pump).
-static long NoteShortRead(BIO* bio, int oper, const char* /*argp*/, size_t len, int /*argi*/,
-                          long /*argl*/, int ret, size_t* processed) {
-  if (oper == (BIO_CB_READ | BIO_CB_RETURN)) {
-    *reinterpret_cast<bool*>(BIO_get_callback_arg(bio)) =
-        ret > 0 && processed != nullptr && *processed < len;
-  }
-  return ret;
+namespace {
+
+// The client socket's BIO is OpenSSL's socket BIO whose reads also record, in the bool its app
+// data points to, whether the kernel gave fewer bytes than OpenSSL asked for: the socket was
+// emptied (see Pump). A method of its own rather than a BIO callback, which OpenSSL would call
+// around every BIO_ctrl too (several per record).
+// (The socket method's own functions are OpenSSL's old-style ones, int-sized; their _ex
+// wrappers call the old ones through the BIO's method, so this one's must be old-style too.)
+int ReadNotingShort(BIO* bio, char* out, int len) {
+  static const auto socket_read = BIO_meth_get_read(BIO_s_socket());
+  const int r = socket_read(bio, out, len);
+  *static_cast<bool*>(BIO_get_app_data(bio)) = r > 0 && r < len;
+  return r;
 }
 
-namespace {
+const BIO_METHOD* ClientSocketMethod() {
+  static const BIO_METHOD* method = [] {
+    const BIO_METHOD* sock = BIO_s_socket();
+    BIO_METHOD* m = BIO_meth_new(BIO_TYPE_SOCKET, "custody client socket");
+    if (m == nullptr || BIO_meth_set_write(m, BIO_meth_get_write(sock)) != 1 ||
+        BIO_meth_set_read(m, &ReadNotingShort) != 1 ||
+        BIO_meth_set_puts(m, BIO_meth_get_puts(sock)) != 1 ||
+        BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(sock)) != 1 ||
+        BIO_meth_set_create(m, BIO_meth_get_create(sock)) != 1 ||
+        BIO_meth_set_destroy(m, BIO_meth_get_destroy(sock)) != 1) {
+      BIO_meth_free(m);
+      return static_cast<BIO_METHOD*>(nullptr);
+    }
+    return m;
+  }();
+  return method;
+}
+
+// AttachClientSocket makes `fd` the transport of `ssl` (not closed with it), its reads noting
+// short ones in `short_read`.
+bool AttachClientSocket(SSL* ssl, int fd, bool* short_read) {
+  const BIO_METHOD* method = ClientSocketMethod();
+  BIO* bio = method != nullptr ? BIO_new(method) : nullptr;
+  if (bio == nullptr) {
+    return false;
+  }
+  BIO_set_fd(bio, fd, BIO_NOCLOSE);
+  if (BIO_set_app_data(bio, short_read) != 1) {
+    BIO_free(bio);
+    return false;
+  }
+  SSL_set_bio(ssl, bio, bio);
+  return true;
+}
+
 // The worker whose loop runs on this thread (answers read by its own signing lane are queued
 // without waking the loop through the eventfd).
 thread_local Worker* t_loop_worker = nullptr;
@@ -439,15 +478,12 @@ void Worker::OnAccept(size_t listener) {
     c->runtime = &c->state->listeners[listener];
     c->client.Reset(fd);
     c->ssl = rt.tls->NewSsl();
-    if (c->ssl == nullptr || SSL_set_fd(c->ssl.get(), fd) != 1) {
+    if (c->ssl == nullptr || !AttachClientSocket(c->ssl.get(), fd, &c->client_short_read)) {
       spdlog::error("[C{} {}] {}: cannot make a TLS connection: {}", c->id, AddressText(peer),
                     rt.name, SslErrorText());
       continue;  // `c` closes the socket.
     }
     c->client_watch.conn = c->backend_watch.conn = c->async_watch.conn = c.get();
-    BIO* rbio = SSL_get_rbio(c->ssl.get());
-    BIO_set_callback_ex(rbio, &NoteShortRead);
-    BIO_set_callback_arg(rbio, reinterpret_cast<char*>(&c->client_short_read));
     // Signatures answered wake this worker's one eventfd (no eventfd per connection).
     c->notify = {this, c->id};
     SSL_set_async_callback(c->ssl.get(), &AsyncReady);
