@@ -184,6 +184,7 @@ struct Worker::Connection {
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
   uint64_t bytes_to_client = 0;
+  uint32_t header_left = 0;  // PROXY header bytes still to send (not the client's: not counted).
 };
 
 namespace {
@@ -735,6 +736,7 @@ void Worker::StartBackend(Connection& c) {
     c.to_backend.space();  // Takes the buffer's memory.
     std::memcpy(c.to_backend.tail(), header.data(), header.size());
     c.to_backend.Produce(static_cast<uint32_t>(header.size()));
+    c.header_left = static_cast<uint32_t>(header.size());
   }
   const int family = rt.backend_addr.ss_family;
   c.backend.Reset(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
@@ -839,7 +841,9 @@ bool Worker::Pump(Connection& c) {
           ::send(c.backend.get(), c.to_backend.head(), c.to_backend.size(), MSG_NOSIGNAL);
       if (n > 0) {
         c.to_backend.Consume(static_cast<uint32_t>(n));
-        to_backend += static_cast<uint64_t>(n);
+        const uint32_t header = std::min(c.header_left, static_cast<uint32_t>(n));
+        c.header_left -= header;
+        to_backend += static_cast<uint64_t>(n) - header;
         progress = true;
       } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
         c.backend_writable = false;

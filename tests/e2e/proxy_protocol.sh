@@ -42,4 +42,14 @@ for ((i = 0; i < 100; i++)); do [[ "$(reloads)" -ge 1 ]] && break; sleep 0.1; do
 check "SIGHUP: reload counted ok" test "$(reloads)" -ge 1
 check "v1 (after the reload): the backend learns the client's address and port" names_client /v1
 
+# The relayed-bytes metric counts the client's bytes, not the header the proxy adds.
+to_backend() { proxy_metric 'custody_proxy_bytes_total{direction="client_to_backend",listener="lab"}'; }
+before=$(to_backend)
+answer=$(echo /counted | python3 "$E2E_LIB_DIR/proxy_client.py" hold "$CUSTODY_PROXY_ADDR" \
+  "$CUSTODY_CA" ec256.lab.test)
+check "a request on a held connection is answered" grep -q "200 OK" <<<"$answer"
+request=$(printf 'GET /counted HTTP/1.1\r\nHost: ec256.lab.test\r\n\r\n' | wc -c)
+check "bytes_total{client_to_backend} grew by the request's $request bytes, not the header's too" \
+  test "$(($(to_backend) - before))" -eq "$request"
+
 e2e_finish
