@@ -4,11 +4,13 @@
 
 #include "absl/synchronization/mutex.h"
 #include "common/log.h"
+#include "common/malloc_tuning.h"
 #include "common/signals.h"
 #include "keyservice/config.h"
 #include "keyservice/server.h"
 
 int main(int argc, char** argv) {
+  custody::TuneMallocOrReexec(argv);  // First: glibc reads its tunables at start only.
   custody::BlockTerminationSignals();
   // Debian's Abseil is built with lock-cycle detection on, which costs on every lock: off.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);

@@ -5,10 +5,12 @@
 
 #include "absl/synchronization/mutex.h"
 #include "common/log.h"
+#include "common/malloc_tuning.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
 
 int main(int argc, char** argv) {
+  custody::TuneMallocOrReexec(argv);  // First: glibc reads its tunables at start only.
   custody::proxy::BlockProxySignals();
   // Debian's Abseil is built with lock-cycle detection on, which costs on every lock: off.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);

@@ -4,16 +4,25 @@
 #   config (a typo, a changed listen address, a key the key service lacks) is refused, named in
 #   the log, and the running config stays;
 # - SIGTERM drains: no new connections, open ones finish, then exit 0; connections still open
-#   at the drain timeout are closed.
+#   at the drain timeout are closed;
+# - both servers run with glibc's larger per-thread malloc cache (they re-execute themselves).
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 CLIENT="$E2E_LIB_DIR/proxy_client.py"
 
+unset GLIBC_TUNABLES  # What the servers set themselves is checked below.
 e2e_setup
 e2e_start_backend http
 CONFIG="$E2E_TMP/proxy.yaml"
 cp -- "$CUSTODY_PROXY_CONFIG" "$CONFIG"
 e2e_start_proxy "$CONFIG"
 pass "custody-proxy up"
+
+# tunables PID: the GLIBC_TUNABLES a process runs with.
+tunables() { tr '\0' '\n' <"/proc/$1/environ" | sed -n 's/^GLIBC_TUNABLES=//p'; }
+check "keyd re-executed itself with glibc.malloc.tcache_count=128 (same pid)" \
+  test "$(tunables "$KEYD_PID")" = glibc.malloc.tcache_count=128
+check "the proxy re-executed itself with glibc.malloc.tcache_count=128 (same pid)" \
+  test "$(tunables "$PROXY_PID")" = glibc.malloc.tcache_count=128
 
 default_cn() {
   echo | timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
