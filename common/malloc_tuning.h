@@ -4,9 +4,10 @@
 // handshake, and a signature in the token, free and take back dozens of chunks of the same few
 // sizes (OpenSSL's and SoftHSM's objects), so most of them go through the arenas' slower paths
 // and locks: about a tenth of keyd's CPU per signature and 6% of the proxy's per handshake were
-// malloc and free. With 128 chunks per size the ECDSA handshake cost 5-9% less CPU in both
-// (interleaved A/B, every pair). glibc reads the cache size only from the GLIBC_TUNABLES
-// environment variable at process start, hence a re-execution.
+// malloc and free. With 128 chunks per size the ECDSA handshake cost 4-7% less CPU in both
+// (three interleaved A/B runs, 12 of 13 pairs; the full bench's noise hides it). glibc reads
+// the cache size only from the GLIBC_TUNABLES environment variable at process start, hence a
+// re-execution.
 #pragma once
 
 #include <optional>
