@@ -11,6 +11,11 @@ prometheus::Family<prometheus::Counter>& Counter(prometheus::Registry& r, const 
   return prometheus::BuildCounter().Name(name).Help(help).Register(r);
 }
 
+prometheus::Family<prometheus::Gauge>& Gauge(prometheus::Registry& r, const char* name,
+                                             const char* help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r);
+}
+
 }  // namespace
 
 ProxyMetrics::ProxyMetrics()
@@ -28,25 +33,17 @@ ProxyMetrics::ProxyMetrics()
                          .Register(*registry_)),
       sign_errors_(Counter(*registry_, "custody_proxy_sign_errors_total",
                            "Handshake signatures that failed, by key and status code")),
-      signs_in_flight_(prometheus::BuildGauge()
-                           .Name("custody_proxy_signs_in_flight")
-                           .Help("Handshake signatures asked of the key service and not yet "
-                                 "answered")
-                           .Register(*registry_)
+      signs_in_flight_(Gauge(*registry_, "custody_proxy_signs_in_flight",
+                             "Handshake signatures asked of the key service and not yet answered")
                            .Add({})),
-      open_(prometheus::BuildGauge()
-                .Name("custody_proxy_connections_open")
-                .Help("Client connections open now")
-                .Register(*registry_)),
+      open_(Gauge(*registry_, "custody_proxy_connections_open", "Client connections open now")),
       closed_(Counter(*registry_, "custody_proxy_connections_total",
                       "Closed client connections by listener and how they ended")),
       bytes_(Counter(*registry_, "custody_proxy_bytes_total",
                      "Plaintext bytes relayed, by listener and direction")),
-      relay_buffer_bytes_(prometheus::BuildGauge()
-                              .Name("custody_proxy_relay_buffer_bytes")
-                              .Help("Relay buffer memory held now; a connection idle for 1 s "
-                                    "gives its buffers back (OpenSSL's too)")
-                              .Register(*registry_)
+      relay_buffer_bytes_(Gauge(*registry_, "custody_proxy_relay_buffer_bytes",
+                                "Relay buffer memory held now; a connection idle for 1 s gives "
+                                "its buffers back (OpenSSL's too)")
                               .Add({})),
       accept_paused_(Counter(*registry_, "custody_proxy_accept_paused_total",
                              "Times a worker stopped accepting at a limit (connections, "
@@ -57,18 +54,14 @@ ProxyMetrics::ProxyMetrics()
       paused_handshakes_(accept_paused_.Add({{"reason", "handshakes"}})),
       reloads_ok_(reloads_.Add({{"outcome", "ok"}})),
       reloads_refused_(reloads_.Add({{"outcome", "refused"}})),
-      not_after_(prometheus::BuildGauge()
-                     .Name("custody_proxy_certificate_not_after_seconds")
-                     .Help("notAfter of each served leaf certificate, Unix seconds")
-                     .Register(*registry_)),
+      not_after_(Gauge(*registry_, "custody_proxy_certificate_not_after_seconds",
+                       "notAfter of each served leaf certificate, Unix seconds")),
       signing_socket_requests_(Counter(
           *registry_, "custody_proxy_signing_socket_requests_total",
           "Handshake signatures by way of keyd's signing socket: sent on it, sent over gRPC "
           "(socket down or full), moved to gRPC after sending (broken, keyd UNAVAILABLE)")) {
-  signing_socket_.connected = &prometheus::BuildGauge()
-                                   .Name("custody_proxy_signing_socket_connected")
-                                   .Help("Workers connected to keyd's signing socket now")
-                                   .Register(*registry_)
+  signing_socket_.connected = &Gauge(*registry_, "custody_proxy_signing_socket_connected",
+                                     "Workers connected to keyd's signing socket now")
                                    .Add({});
   signing_socket_.sent = &signing_socket_requests_.Add({{"outcome", "sent"}});
   signing_socket_.over_grpc = &signing_socket_requests_.Add({{"outcome", "grpc"}});
