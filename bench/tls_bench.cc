@@ -38,7 +38,8 @@ struct Options {
   double seconds = 5;
   int requests = 2000;
   uint64_t bytes = 1 << 20;
-  bool plain = false;  // latency/bulk without TLS (the backend directly).
+  bool plain = false;   // latency/bulk without TLS (the backend directly).
+  std::string samples;  // latency: append every sample (us, one per line) to this file.
 };
 
 int Connect(const std::string& addr) {
@@ -136,6 +137,8 @@ int main(int argc, char** argv) {
   app.add_option("--requests", o.requests, "latency mode: requests");
   app.add_option("--bytes", o.bytes, "bulk mode: bytes per connection");
   app.add_flag("--plain", o.plain, "no TLS (the backend directly)");
+  app.add_option("--samples", o.samples,
+                 "latency mode: append every request's time (us, one per line) to this file");
   CLI11_PARSE(app, argc, argv);
 
   SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
@@ -207,6 +210,17 @@ int main(int argc, char** argv) {
         us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }
     }
+    if (!o.samples.empty()) {
+      std::FILE* f = std::fopen(o.samples.c_str(), "a");
+      if (f == nullptr) {
+        std::fprintf(stderr, "cannot open %s\n", o.samples.c_str());
+        return 1;
+      }
+      for (const double u : us) {
+        std::fprintf(f, "%.1f\n", u);
+      }
+      std::fclose(f);
+    }
     std::sort(us.begin(), us.end());
     std::printf("requests=%zu p50_us=%.1f p99_us=%.1f\n", us.size(), us[us.size() / 2],
                 us[us.size() * 99 / 100]);
@@ -221,8 +235,8 @@ int main(int argc, char** argv) {
     threads.emplace_back([&] {
       Conn c;
       std::string buf;
-      const std::string get = "GET /bytes/" + std::to_string(o.bytes) + " HTTP/1.1\r\nHost: " +
-                              o.sni + "\r\n\r\n";
+      const std::string get =
+          "GET /bytes/" + std::to_string(o.bytes) + " HTTP/1.1\r\nHost: " + o.sni + "\r\n\r\n";
       int64_t n = -1;
       if (c.Open(o, ctx) && c.Write(get.data(), static_cast<int>(get.size())) > 0) {
         n = ReadResponse(c, buf);
