@@ -15,6 +15,10 @@
 #                   certificate from the same CA, its key in a local file
 #   nginx-engine    the same nginx, the certificate's key in the same token through libp11's
 #                   pkcs11 engine (master_process off: libp11 sessions do not survive fork)
+#   nginx-matched   nginx-file (and nginx-engine-matched: nginx-engine) with the proxy's TLS defaults
+#                   in place of OpenSSL's (AES-128-GCM before AES-256-GCM, one session ticket per
+#                   handshake, not two); no goal is judged on them (the goals are against stock
+#                   nginx), they show how much of a ratio those defaults make
 # Figures (server CPU from /proc: utime+stime of the server's processes over the run):
 #   1. TLS 1.3 full handshakes (no tickets, no session cache: the client checks none resumed),
 #      ECDSA P-256 and RSA-2048: server CPU per handshake. Goals: proxy <= 0.9 x nginx-file;
@@ -28,10 +32,11 @@
 # The machine is shared and noisy: read ratios, not absolute figures. Each figure is measured in
 # R rounds (default 3) that interleave our server and the peer, each round gives a ratio, and the
 # median ratio is the result (a burst of load from elsewhere then spoils one round, not the
-# figure); latency percentiles are taken over the requests of all rounds instead. --sections picks which of the four figures to measure (default all);
-# --session-tickets sets the proxy's tls.session_tickets (default: the proxy's own default, 1; nginx
-# sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake). Loopback only;
-# every load is bounded in time or bytes.
+# figure); latency percentiles are taken over the requests of all rounds instead. --sections
+# picks which of the four figures to measure (default all); --session-tickets sets the proxy's
+# tls.session_tickets and nginx-matched's ticket count (default: the proxy's own default, 1;
+# stock nginx sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake).
+# Loopback only; every load is bounded in time or bytes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$ROOT/build
@@ -162,7 +167,7 @@ start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-
 wait_port "$CUSTODY_BACKEND_ADDR"
 wait_port "$CUSTODY_PROXY_ADDR"
 
-nginx_conf() { # nginx_conf NAME PORT CERT KEY MASTER
+nginx_conf() { # nginx_conf NAME PORT CERT KEY MASTER [DIRECTIVES]
   cat >"$TMP/$1.conf" <<NGINX
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1;
@@ -179,17 +184,41 @@ stream {
     ssl_certificate_key "$4";
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_prefer_server_ciphers on;
-    proxy_pass $CUSTODY_BACKEND_ADDR;
+    proxy_pass $CUSTODY_BACKEND_ADDR;${6:+
+    $6}
   }
 }
 NGINX
 }
-cat "$TMP/file/ec256.crt" >"$TMP/file/ec256.chain"
-nginx_conf nginx-file-ec256 "$NGINX_FILE_PORT" "$TMP/file/ec256.crt" "$TMP/file/ec256.key" on
-nginx_conf nginx-file-rsa2048 "$NGINX_FILE_PORT" "$TMP/file/rsa2048.crt" "$TMP/file/rsa2048.key" on
+# nginx-matched: nginx-file with the proxy's TLS defaults instead of OpenSSL's (read from
+# proxy/tls_context.cc): AES-128-GCM before AES-256-GCM, one session ticket per handshake, not
+# two. Its figures are printed beside the goals' (which are against stock nginx) to show what
+# the defaults account for.
+proxy_default() { # proxy_default NAME: the value of the string constant NAME in tls_context.cc
+  python3 - "$ROOT/proxy/tls_context.cc" "$1" <<'PY'
+import re, sys
+m = re.search(sys.argv[2] + r'\[\] =\s*((?:"[^"]*"\s*)+);', open(sys.argv[1]).read())
+if m is None:
+    sys.exit("bench/proxy.sh: no " + sys.argv[2] + " in " + sys.argv[1])
+print("".join(re.findall(r'"([^"]*)"', m.group(1))))
+PY
+}
+PROXY_CIPHERS=$(proxy_default kDefaultCiphers)
+PROXY_SUITES=$(proxy_default kDefaultCiphersuites)
+PROXY_TICKETS=${TICKETS:-$(sed -n 's/.*kDefaultSessionTickets = \([0-9]*\);.*/\1/p' "$ROOT/proxy/tls_context.cc")}
+[ -n "$PROXY_TICKETS" ] || { echo "bench/proxy.sh: no kDefaultSessionTickets in proxy/tls_context.cc" >&2; exit 1; }
+MATCHED="ssl_ciphers $PROXY_CIPHERS;
+    ssl_conf_command Ciphersuites $PROXY_SUITES;
+    ssl_conf_command NumTickets $PROXY_TICKETS;"
+for name in ec256 rsa2048; do
+  nginx_conf "nginx-file-$name" "$NGINX_FILE_PORT" "$TMP/file/$name.crt" "$TMP/file/$name.key" on
+  nginx_conf "nginx-matched-$name" "$NGINX_FILE_PORT" "$TMP/file/$name.crt" "$TMP/file/$name.key" on "$MATCHED"
+done
 for name in ec256 rsa2048; do
   nginx_conf "nginx-engine-$name" "$NGINX_ENGINE_PORT" "$LAB/certs/lab-$name.crt" \
     "engine:pkcs11:pkcs11:object=lab-$name;type=private" off
+  nginx_conf "nginx-engine-matched-$name" "$NGINX_ENGINE_PORT" "$LAB/certs/lab-$name.crt" \
+    "engine:pkcs11:pkcs11:object=lab-$name;type=private" off "$MATCHED"
 done
 
 # cpu_ticks PID...: utime+stime (clock ticks) of the processes and their children processes.
@@ -240,11 +269,29 @@ start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
   wait_port "127.0.0.1:$2"
 }
 
+# suite ADDR: the TLS 1.3 suite a stock client gets from ADDR
+suite() {
+  openssl s_client -connect "$1" -servername ec256.lab.test -tls1_3 </dev/null 2>/dev/null |
+    sed -n 's/.*Cipher is //p' | head -n 1
+}
+# The suites each server picks; nginx-matched must pick the proxy's.
+declare -A SUITE
+SUITE[proxy]=$(suite "$CUSTODY_PROXY_ADDR")
+for kind in file matched; do
+  start_nginx "nginx-$kind-ec256" "$NGINX_FILE_PORT"
+  SUITE[$kind]=$(suite "127.0.0.1:$NGINX_FILE_PORT")
+  stop_nginx
+done
+if [ -z "${SUITE[proxy]}" ] || [ "${SUITE[proxy]}" != "${SUITE[matched]}" ]; then
+  echo "bench/proxy.sh: nginx-matched picks '${SUITE[matched]}', the proxy '${SUITE[proxy]}'" >&2
+  exit 1
+fi
 echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT, proxy session tickets ${TICKETS:-1 (default)}"
+echo "# TLS 1.3 suites: custody-proxy ${SUITE[proxy]}, nginx-file ${SUITE[file]} (stock), nginx-matched ${SUITE[matched]} (the proxy's defaults)"
 if want 1; then
 echo
 echo "## 1. TLS 1.3 full handshakes, 16 clients: server CPU per handshake (us), $ROUNDS rounds"
-printf '%-5s %-8s %-14s %9s %8s %10s %10s %10s\n' round key server handshakes rate/s "proxy us" "keyd us" "total us"
+printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' round key server handshakes rate/s "proxy us" "keyd us" "total us"
 declare -A R
 declare -A RATIO
 for round in $(seq 1 "$ROUNDS"); do
@@ -252,25 +299,29 @@ for round in $(seq 1 "$ROUNDS"); do
     read -r n rate tp tk < <(handshake_run "$CUSTODY_PROXY_ADDR" "$name.lab.test" 16 "$proxy_PID" "$keyd_PID")
     R[$name.proxy]=$(us_per "$tp" "$n")
     R[$name.total]=$(us_per $((tp + tk)) "$n")
-    printf '%-5s %-8s %-14s %9s %8s %10s %10s %10s\n' "$round" "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "$(us_per "$tk" "$n")" "${R[$name.total]}"
-    for kind in file engine; do
+    printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' "$round" "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "$(us_per "$tk" "$n")" "${R[$name.total]}"
+    for kind in file matched engine engine-matched; do
       port=$NGINX_FILE_PORT
-      [ "$kind" = engine ] && port=$NGINX_ENGINE_PORT
+      [ "${kind#engine}" != "$kind" ] && port=$NGINX_ENGINE_PORT
       start_nginx "nginx-$kind-$name" "$port"
       read -r n rate tn < <(handshake_run "127.0.0.1:$port" "$name.lab.test" 16 "$nginx_PID")
       stop_nginx
       R[$name.$kind]=$(us_per "$tn" "$n")
-      printf '%-5s %-8s %-14s %9s %8s %10s %10s %10s\n' "$round" "$name" "nginx-$kind" "$n" "$rate" "${R[$name.$kind]}" - "${R[$name.$kind]}"
+      printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' "$round" "$name" "nginx-$kind" "$n" "$rate" "${R[$name.$kind]}" - "${R[$name.$kind]}"
     done
     RATIO[$name.file]+=" $(ratio "${R[$name.proxy]}" "${R[$name.file]}")"
     RATIO[$name.engine]+=" $(ratio "${R[$name.total]}" "${R[$name.engine]}")"
+    RATIO[$name.matched]+=" $(ratio "${R[$name.proxy]}" "${R[$name.matched]}")"
+    RATIO[$name.engine-matched]+=" $(ratio "${R[$name.total]}" "${R[$name.engine-matched]}")"
   done
 done
 echo
 for name in ec256 rsa2048; do
   # shellcheck disable=SC2086
   echo "$name: proxy / nginx-file = $(median ${RATIO[$name.file]}) (rounds:${RATIO[$name.file]}; goal <= 0.9);" \
-    "proxy+keyd / nginx-engine = $(median ${RATIO[$name.engine]}) (rounds:${RATIO[$name.engine]}; goal <= 1.0)"
+    "proxy+keyd / nginx-engine = $(median ${RATIO[$name.engine]}) (rounds:${RATIO[$name.engine]}; goal <= 1.0);" \
+    "proxy / nginx-matched = $(median ${RATIO[$name.matched]}) (rounds:${RATIO[$name.matched]}; no goal);" \
+    "proxy+keyd / nginx-engine-matched = $(median ${RATIO[$name.engine-matched]}) (rounds:${RATIO[$name.engine-matched]}; no goal)"
 done
 fi
 if want 2; then
@@ -301,24 +352,31 @@ bulk_run() {
   awk -v mb="$(field mb_per_s "$out")" -v t=$((after - before)) -v hz="$TICK" -v b="$(field bytes "$out")" \
     'BEGIN { printf "%s %.3f\n", mb, (b > 0 ? t / hz / (b / 1e9) : 0) }'
 }
-start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
-printf '%-5s %-16s %10s %10s %10s %10s %8s %8s\n' round load "proxy MB/s" "nginx MB/s" "proxy s/GB" "nginx s/GB" "MB/s x" "s/GB x"
+printf '%-5s %-16s %10s %10s %10s %10s %8s %8s %12s %8s\n' round load "proxy MB/s" "nginx MB/s" "proxy s/GB" "nginx s/GB" \
+  "MB/s x" "s/GB x" "matched s/GB" "s/GB x"
 for spec in "1 1073741824" "8 268435456"; do
   read -r conc bytes <<<"$spec"
   MBX=""
   GBX=""
+  GBM=""
   for round in $(seq 1 "$ROUNDS"); do
     read -r pm pc < <(bulk_run "$CUSTODY_PROXY_ADDR" "$conc" "$bytes" "$proxy_PID")
+    start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
     read -r nm nc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID")
+    stop_nginx
+    start_nginx nginx-matched-ec256 "$NGINX_FILE_PORT"
+    read -r _ mc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID")
+    stop_nginx
     MBX+=" $(ratio "$pm" "$nm")"
     GBX+=" $(ratio "$pc" "$nc")"
-    printf '%-5s %-16s %10s %10s %10s %10s %8s %8s\n' "$round" "$conc x $((bytes >> 20)) MiB" "$pm" "$nm" "$pc" "$nc" \
-      "$(ratio "$pm" "$nm")" "$(ratio "$pc" "$nc")"
+    GBM+=" $(ratio "$pc" "$mc")"
+    printf '%-5s %-16s %10s %10s %10s %10s %8s %8s %12s %8s\n' "$round" "$conc x $((bytes >> 20)) MiB" "$pm" "$nm" "$pc" "$nc" \
+      "$(ratio "$pm" "$nm")" "$(ratio "$pc" "$nc")" "$mc" "$(ratio "$pc" "$mc")"
   done
   # shellcheck disable=SC2086
-  echo "$conc x $((bytes >> 20)) MiB: MB/s proxy / nginx = $(median $MBX); s/GB proxy / nginx = $(median $GBX)"
+  echo "$conc x $((bytes >> 20)) MiB: MB/s proxy / nginx = $(median $MBX); s/GB proxy / nginx = $(median $GBX);" \
+    "s/GB proxy / nginx-matched = $(median $GBM) (no goal)"
 done
-stop_nginx
 echo "(goals: proxy s/GB <= 0.9 x nginx's, proxy MB/s >= nginx's)"
 fi
 if want 4; then
