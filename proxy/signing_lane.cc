@@ -142,13 +142,13 @@ void SigningLane::OnEvent(uint32_t events) {
     Flush();
   }
   if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-    ReadAnswers();
+    ReadAnswers((events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
   }
 }
 
-void SigningLane::ReadAnswers() {
+void SigningLane::ReadAnswers(bool hung_up) {
   char buf[16 * 1024];
-  for (;;) {
+  for (bool drained = false; !drained && fd_.valid();) {
     const ssize_t n = ::read(fd_.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) {
       continue;
@@ -160,6 +160,10 @@ void SigningLane::ReadAnswers() {
       Break(n == 0 ? "keyd closed it" : absl::StrCat("cannot read: ", std::strerror(errno)));
       return;
     }
+    // A short read emptied the socket: edge-triggered epoll reports the next answers, so the
+    // read that would only say EAGAIN is skipped. Unless keyd's end was reported: then read
+    // on, to see it.
+    drained = static_cast<std::size_t>(n) < sizeof(buf) && !hung_up;
     in_.Append(buf, static_cast<std::size_t>(n));
     std::string_view body;
     keyservice::FrameReader::Result r;

@@ -61,7 +61,7 @@ class SigningLane final : public provider::SignLane {
   };
 
   void Flush();
-  void ReadAnswers();
+  void ReadAnswers(bool hung_up);
   // Break drops the connection and sends what was in flight on it over gRPC.
   void Break(const std::string& why);
   void SendOver(std::unordered_map<uint64_t, Pending> requests, absl::Time now);

@@ -132,6 +132,18 @@ struct RelayBuffer {
   }
 };
 
+// ClientSocketFlags is what the client socket's BIO (ReadNotingShort) and the worker's epoll
+// events tell each other about that socket.
+struct ClientSocketFlags {
+  // The socket is known to hold no byte: its last read was short or said EAGAIN, and no epoll
+  // event for it came since. Edge-triggered epoll reports the next bytes, so until then a read
+  // would only say EAGAIN: the BIO answers "retry" without asking the kernel.
+  bool drained = false;
+  // The client's FIN (or an error) was reported: a short read no longer proves the socket empty
+  // (the end is still to be read), so reads go to the kernel until the end is seen.
+  bool hup = false;
+};
+
 struct Worker::Connection {
   enum class Phase { kHandshake, kConnecting, kRelay };
 
@@ -180,10 +192,8 @@ struct Worker::Connection {
   bool backend_writable = true;
   // The backend has closed its side (or failed): a short read no longer proves the socket empty.
   bool backend_hup = false;
-  // The same for the client; and whether the last read from its socket was short (set by
-  // the socket's BIO, see ReadNotingShort), which proves the socket empty unless it hung up.
-  bool client_hup = false;
-  bool client_short_read = false;
+  // The same for the client, and whether its socket is known to be empty.
+  ClientSocketFlags client_socket;
   RelayBuffer to_backend;
   RelayBuffer to_client;
   uint64_t bytes_to_backend = 0;
@@ -193,16 +203,24 @@ struct Worker::Connection {
 
 namespace {
 
-// The client socket's BIO is OpenSSL's socket BIO whose reads also record, in the bool its app
-// data points to, whether the kernel gave fewer bytes than OpenSSL asked for: the socket was
-// emptied (see Pump). A method of its own rather than a BIO callback, which OpenSSL would call
-// around every BIO_ctrl too (several per record).
+// The client socket's BIO is OpenSSL's socket BIO whose reads also keep the ClientSocketFlags
+// its app data points to: a read that got fewer bytes than OpenSSL asked for, or EAGAIN, marks
+// the socket drained, and a read of a drained socket (no epoll event since) says "retry" without
+// a system call. So OpenSSL's read after the server's handshake flight, and the first relay read
+// after the handshake, cost nothing. A method of its own rather than a BIO callback, which
+// OpenSSL would call around every BIO_ctrl too (several per record).
 // (The socket method's own functions are OpenSSL's old-style ones, int-sized; their _ex
 // wrappers call the old ones through the BIO's method, so this one's must be old-style too.)
 int ReadNotingShort(BIO* bio, char* out, int len) {
   static const auto socket_read = BIO_meth_get_read(BIO_s_socket());
+  auto& flags = *static_cast<ClientSocketFlags*>(BIO_get_app_data(bio));
+  if (flags.drained && !flags.hup) {
+    BIO_clear_retry_flags(bio);
+    BIO_set_retry_read(bio);
+    return -1;
+  }
   const int r = socket_read(bio, out, len);
-  *static_cast<bool*>(BIO_get_app_data(bio)) = r > 0 && r < len;
+  flags.drained = (r > 0 && r < len) || (r < 0 && BIO_should_retry(bio));
   return r;
 }
 
@@ -224,16 +242,16 @@ const BIO_METHOD* ClientSocketMethod() {
   return method;
 }
 
-// AttachClientSocket makes `fd` the transport of `ssl` (not closed with it), its reads noting
-// short ones in `short_read`.
-bool AttachClientSocket(SSL* ssl, int fd, bool* short_read) {
+// AttachClientSocket makes `fd` the transport of `ssl` (not closed with it), its reads keeping
+// `flags`.
+bool AttachClientSocket(SSL* ssl, int fd, ClientSocketFlags* flags) {
   const BIO_METHOD* method = ClientSocketMethod();
   BIO* bio = method != nullptr ? BIO_new(method) : nullptr;
   if (bio == nullptr) {
     return false;
   }
   BIO_set_fd(bio, fd, BIO_NOCLOSE);
-  if (BIO_set_app_data(bio, short_read) != 1) {
+  if (BIO_set_app_data(bio, flags) != 1) {
     BIO_free(bio);
     return false;
   }
@@ -483,7 +501,7 @@ void Worker::OnAccept(size_t listener) {
     c->runtime = &c->state->listeners[listener];
     c->client.Reset(fd);
     c->ssl = rt.tls->NewSsl();
-    if (c->ssl == nullptr || !AttachClientSocket(c->ssl.get(), fd, &c->client_short_read)) {
+    if (c->ssl == nullptr || !AttachClientSocket(c->ssl.get(), fd, &c->client_socket)) {
       spdlog::error("[C{} {}] {}: cannot make a TLS connection: {}", c->id, AddressText(peer),
                     rt.name, SslErrorText());
       continue;  // `c` closes the socket.
@@ -574,7 +592,10 @@ void Worker::OnEvent(Watch* watch, uint32_t events) {
   if (watch->kind == Watch::Kind::kClient) {
     c.client_readable |= failed || (events & EPOLLIN) != 0;
     c.client_writable |= failed || (events & EPOLLOUT) != 0;
-    c.client_hup |= failed || (events & EPOLLRDHUP) != 0;
+    c.client_socket.hup |= failed || (events & EPOLLRDHUP) != 0;
+    if (failed || (events & (EPOLLIN | EPOLLRDHUP)) != 0) {
+      c.client_socket.drained = false;  // Bytes (or the end) came since the last read.
+    }
   } else if (watch->kind == Watch::Kind::kBackend) {
     c.backend_readable |= failed || (events & EPOLLIN) != 0;
     c.backend_writable |= failed || (events & EPOLLOUT) != 0;
@@ -758,6 +779,9 @@ void Worker::StartBackend(Connection& c) {
                 rt.backend_addr_len) == 0) {
     c.phase = Connection::Phase::kRelay;
     Register(c.backend.get(), &c.backend_watch);
+    // A new socket holds no byte that epoll will not report (registering reports what is
+    // already there): no read until an event says so.
+    c.backend_readable = false;
     Pump(c);
     return;
   }
@@ -768,6 +792,7 @@ void Worker::StartBackend(Connection& c) {
   }
   Register(c.backend.get(), &c.backend_watch);
   c.backend_writable = false;  // Until the connect completes (EPOLLOUT).
+  c.backend_readable = false;  // Until bytes come (EPOLLIN).
   Pump(c);                     // The client may have sent its first bytes with the handshake.
 }
 
@@ -804,16 +829,15 @@ bool Worker::Pump(Connection& c) {
     if (!c.client_eof && (may_read_client || SSL_has_pending(c.ssl.get()) == 1) &&
         c.to_backend.space() > 0) {
       ERR_clear_error();
-      c.client_short_read = false;
       const int n =
           SSL_read(c.ssl.get(), c.to_backend.tail(), static_cast<int>(c.to_backend.space()));
       if (n > 0) {
         c.to_backend.Produce(static_cast<uint32_t>(n));
         progress = true;
-        // The socket was emptied and OpenSSL holds nothing more: skip the read that would only
-        // say EAGAIN (edge-triggered epoll reports the next bytes), unless the client's FIN is
-        // already in (then read on, to see the end).
-        if (c.client_short_read && !c.client_hup && c.ssl_read_want == EPOLLIN &&
+        // The socket is empty (a short read, in this call or earlier with no event since) and
+        // OpenSSL holds nothing more: skip the read that would only say EAGAIN, unless the
+        // client's FIN is already in (then read on, to see the end).
+        if (c.client_socket.drained && !c.client_socket.hup && c.ssl_read_want == EPOLLIN &&
             SSL_has_pending(c.ssl.get()) == 0) {
           c.client_readable = false;
         }
