@@ -137,7 +137,10 @@ struct RelayBuffer {
 struct ClientSocketFlags {
   // The socket is known to hold no byte: its last read was short or said EAGAIN, and no epoll
   // event for it came since. Edge-triggered epoll reports the next bytes, so until then a read
-  // would only say EAGAIN: the BIO answers "retry" without asking the kernel.
+  // would only say EAGAIN: the BIO answers "retry" without asking the kernel. (One exception,
+  // as in nginx: the kernel also cuts a read short at TCP urgent data, with bytes behind it; a
+  // client that sends urgent data, which no TLS client does, stalls its own connection until
+  // the handshake or idle timeout closes it.)
   bool drained = false;
   // The client's FIN (or an error) was reported: a short read no longer proves the socket empty
   // (the end is still to be read), so reads go to the kernel until the end is seen.
