@@ -30,8 +30,10 @@
 #   4. Added latency of a small keep-alive request (p50, p99) over the backend reached directly,
 #      percentiles over every round's requests (blocks of the three interleaved).
 # The machine is shared and noisy: read ratios, not absolute figures. Each figure is measured in
-# R rounds (default 3) that interleave our server and the peer, each round gives a ratio, and the
-# median ratio is the result (a burst of load from elsewhere then spoils one round, not the
+# R rounds (default 3) that interleave our server and the peers, in an order that rotates from
+# round to round (the nginx set-ups of the bulk and latency figures run through their whole
+# section, like the proxy; the handshake figure starts each afresh), each round gives a ratio,
+# and the median ratio is the result (a burst of load from elsewhere then spoils one round, not the
 # figure); latency percentiles are taken over the requests of all rounds instead. --sections
 # picks which of the four figures to measure (default all); --session-tickets sets the proxy's
 # tls.session_tickets and nginx-matched's ticket count (default: the proxy's own default, 1;
@@ -102,7 +104,7 @@ s=[socket.socket() for _ in range(int(sys.argv[1]))]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(" ".join(str(x.getsockname()[1]) for x in s))' "$1"
 }
-read -r NGINX_FILE_PORT NGINX_ENGINE_PORT < <(free_ports 2)
+read -r NGINX_FILE_PORT NGINX_MATCHED_PORT NGINX_ENGINE_PORT < <(free_ports 3)
 
 # Equivalent file-key certificates for nginx-file: same subjects and SANs, same key types,
 # issued by the lab CA (its key in the token, through the engine).
@@ -212,7 +214,7 @@ MATCHED="ssl_ciphers $PROXY_CIPHERS;
     ssl_conf_command NumTickets $PROXY_TICKETS;"
 for name in ec256 rsa2048; do
   nginx_conf "nginx-file-$name" "$NGINX_FILE_PORT" "$TMP/file/$name.crt" "$TMP/file/$name.key" on
-  nginx_conf "nginx-matched-$name" "$NGINX_FILE_PORT" "$TMP/file/$name.crt" "$TMP/file/$name.key" on "$MATCHED"
+  nginx_conf "nginx-matched-$name" "$NGINX_MATCHED_PORT" "$TMP/file/$name.crt" "$TMP/file/$name.key" on "$MATCHED"
 done
 for name in ec256 rsa2048; do
   nginx_conf "nginx-engine-$name" "$NGINX_ENGINE_PORT" "$LAB/certs/lab-$name.crt" \
@@ -236,6 +238,15 @@ TICK=$(getconf CLK_TCK)
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 us_per() { awk -v t="$1" -v n="$2" -v hz="$TICK" 'BEGIN { printf "%.0f", (n > 0 ? t / hz * 1e6 / n : 0) }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+# rotate N ITEM...: the items, starting at the (N mod count)-th (rounds alternate who goes first)
+rotate() {
+  local n=$1 i k
+  shift
+  for ((i = 0; i < $#; i++)); do
+    k=$(((n + i) % $#))
+    echo "${@:k+1:1}"
+  done
+}
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
 # handshake_run ADDR SNI CONC PIDS...: prints "handshakes rate cpu_ticks..." (one per pid group)
@@ -256,15 +267,17 @@ handshake_run() {
   echo
 }
 
-stop_nginx() {
-  kill -TERM "$nginx_PID" 2>/dev/null || true
-  wait "$nginx_PID" 2>/dev/null || true
+stop_nginx() { # stop_nginx [VAR]: stops the nginx started as VAR (default nginx)
+  local pid="${1:-nginx}_PID"
+  kill -TERM "${!pid}" 2>/dev/null || true
+  wait "${!pid}" 2>/dev/null || true
 }
-start_nginx() { # start_nginx NAME PORT (an environment assignment needs env(1))
+start_nginx() { # start_nginx NAME PORT [VAR]: its pid in VAR_PID (default nginx_PID)
   if [ "${1#nginx-engine}" != "$1" ]; then
-    start nginx "$SERVER_CPU" env OPENSSL_CONF="$ENGINE_CNF" nginx -c "$TMP/$1.conf"
+    # (An environment assignment needs env(1).)
+    start "${3:-nginx}" "$SERVER_CPU" env OPENSSL_CONF="$ENGINE_CNF" nginx -c "$TMP/$1.conf"
   else
-    start nginx "$SERVER_CPU" nginx -c "$TMP/$1.conf"
+    start "${3:-nginx}" "$SERVER_CPU" nginx -c "$TMP/$1.conf"
   fi
   wait_port "127.0.0.1:$2"
 }
@@ -277,11 +290,12 @@ suite() {
 # The suites each server picks; nginx-matched must pick the proxy's.
 declare -A SUITE
 SUITE[proxy]=$(suite "$CUSTODY_PROXY_ADDR")
-for kind in file matched; do
-  start_nginx "nginx-$kind-ec256" "$NGINX_FILE_PORT"
-  SUITE[$kind]=$(suite "127.0.0.1:$NGINX_FILE_PORT")
-  stop_nginx
-done
+start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
+SUITE[file]=$(suite "127.0.0.1:$NGINX_FILE_PORT")
+stop_nginx
+start_nginx nginx-matched-ec256 "$NGINX_MATCHED_PORT"
+SUITE[matched]=$(suite "127.0.0.1:$NGINX_MATCHED_PORT")
+stop_nginx
 if [ -z "${SUITE[proxy]}" ] || [ "${SUITE[proxy]}" != "${SUITE[matched]}" ]; then
   echo "bench/proxy.sh: nginx-matched picks '${SUITE[matched]}', the proxy '${SUITE[proxy]}'" >&2
   exit 1
@@ -296,13 +310,20 @@ declare -A R
 declare -A RATIO
 for round in $(seq 1 "$ROUNDS"); do
   for name in ec256 rsa2048; do
-    read -r n rate tp tk < <(handshake_run "$CUSTODY_PROXY_ADDR" "$name.lab.test" 16 "$proxy_PID" "$keyd_PID")
-    R[$name.proxy]=$(us_per "$tp" "$n")
-    R[$name.total]=$(us_per $((tp + tk)) "$n")
-    printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' "$round" "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "$(us_per "$tk" "$n")" "${R[$name.total]}"
-    for kind in file matched engine engine-matched; do
-      port=$NGINX_FILE_PORT
-      [ "${kind#engine}" != "$kind" ] && port=$NGINX_ENGINE_PORT
+    # shellcheck disable=SC2046
+    for kind in $(rotate "$round" proxy file matched engine engine-matched); do
+      if [ "$kind" = proxy ]; then
+        read -r n rate tp tk < <(handshake_run "$CUSTODY_PROXY_ADDR" "$name.lab.test" 16 "$proxy_PID" "$keyd_PID")
+        R[$name.proxy]=$(us_per "$tp" "$n")
+        R[$name.total]=$(us_per $((tp + tk)) "$n")
+        printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' "$round" "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "$(us_per "$tk" "$n")" "${R[$name.total]}"
+        continue
+      fi
+      case $kind in
+        file) port=$NGINX_FILE_PORT ;;
+        matched) port=$NGINX_MATCHED_PORT ;;
+        *) port=$NGINX_ENGINE_PORT ;;
+      esac
       start_nginx "nginx-$kind-$name" "$port"
       read -r n rate tn < <(handshake_run "127.0.0.1:$port" "$name.lab.test" 16 "$nginx_PID")
       stop_nginx
@@ -352,6 +373,9 @@ bulk_run() {
   awk -v mb="$(field mb_per_s "$out")" -v t=$((after - before)) -v hz="$TICK" -v b="$(field bytes "$out")" \
     'BEGIN { printf "%s %.3f\n", mb, (b > 0 ? t / hz / (b / 1e9) : 0) }'
 }
+# Both nginx set-ups run through the whole section, like the proxy.
+start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
+start_nginx nginx-matched-ec256 "$NGINX_MATCHED_PORT" nginxm
 printf '%-5s %-16s %10s %10s %10s %10s %8s %8s %12s %8s\n' round load "proxy MB/s" "nginx MB/s" "proxy s/GB" "nginx s/GB" \
   "MB/s x" "s/GB x" "matched s/GB" "s/GB x"
 for spec in "1 1073741824" "8 268435456"; do
@@ -360,13 +384,14 @@ for spec in "1 1073741824" "8 268435456"; do
   GBX=""
   GBM=""
   for round in $(seq 1 "$ROUNDS"); do
-    read -r pm pc < <(bulk_run "$CUSTODY_PROXY_ADDR" "$conc" "$bytes" "$proxy_PID")
-    start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
-    read -r nm nc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID")
-    stop_nginx
-    start_nginx nginx-matched-ec256 "$NGINX_FILE_PORT"
-    read -r _ mc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID")
-    stop_nginx
+    # shellcheck disable=SC2046
+    for who in $(rotate "$round" proxy nginx matched); do
+      case $who in
+        proxy) read -r pm pc < <(bulk_run "$CUSTODY_PROXY_ADDR" "$conc" "$bytes" "$proxy_PID") ;;
+        nginx) read -r nm nc < <(bulk_run "127.0.0.1:$NGINX_FILE_PORT" "$conc" "$bytes" "$nginx_PID") ;;
+        matched) read -r _ mc < <(bulk_run "127.0.0.1:$NGINX_MATCHED_PORT" "$conc" "$bytes" "$nginxm_PID") ;;
+      esac
+    done
     MBX+=" $(ratio "$pm" "$nm")"
     GBX+=" $(ratio "$pc" "$nc")"
     GBM+=" $(ratio "$pc" "$mc")"
@@ -377,6 +402,8 @@ for spec in "1 1073741824" "8 268435456"; do
   echo "$conc x $((bytes >> 20)) MiB: MB/s proxy / nginx = $(median $MBX); s/GB proxy / nginx = $(median $GBX);" \
     "s/GB proxy / nginx-matched = $(median $GBM) (no goal)"
 done
+stop_nginx
+stop_nginx nginxm
 echo "(goals: proxy s/GB <= 0.9 x nginx's, proxy MB/s >= nginx's)"
 fi
 if want 4; then
