@@ -198,6 +198,7 @@ absl::Status ValidateLimits(custody::v1::ProxyLimits& l) {
   CUSTODY_LIMIT(idle_timeout_ms, kDefaultIdleTimeoutMs, 100, 86400000, "ms");
   CUSTODY_LIMIT(buffer_bytes, kDefaultBufferBytes, 4096, 1048576, "bytes");
   CUSTODY_LIMIT(drain_timeout_ms, kDefaultDrainTimeoutMs, 1, 3600000, "ms");
+  CUSTODY_LIMIT(relay_turn_bytes, kDefaultRelayTurnBytes, 4096, 67108864, "bytes");
   if (l.max_handshakes() > l.max_connections()) {
     l.set_max_handshakes(l.max_connections());
   }

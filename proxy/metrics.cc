@@ -45,6 +45,10 @@ ProxyMetrics::ProxyMetrics()
                                 "Relay buffer memory held now; a connection idle for 1 s gives "
                                 "its buffers back (OpenSSL's too)")
                               .Add({})),
+      relay_turns_yielded_(Counter(*registry_, "custody_proxy_relay_turns_yielded_total",
+                                   "Relay turns ended by limits.relay_turn_bytes with bytes "
+                                   "still to move (the connection continued after the others)")
+                               .Add({})),
       accept_paused_(Counter(*registry_, "custody_proxy_accept_paused_total",
                              "Times a worker stopped accepting at a limit (connections, "
                              "handshakes)")),

@@ -18,6 +18,9 @@
 //   custody_proxy_bytes_total{listener,direction}         relayed: client_to_backend,
 //                                                         backend_to_client
 //   custody_proxy_relay_buffer_bytes                      relay buffer memory held now
+//   custody_proxy_relay_turns_yielded_total               relay turns ended by
+//   limits.relay_turn_bytes
+//                                                         with work left (others went first)
 //                                                         (connections idle 1 s give theirs back)
 //   custody_proxy_accept_paused_total{reason}             accepting paused: connections, handshakes
 //   custody_proxy_config_reloads_total{outcome}           SIGHUP reloads: ok, refused
@@ -79,6 +82,7 @@ class ProxyMetrics {
   void RecordAcceptPaused(bool for_handshakes);
   SigningSocketMetrics* signing_socket() { return &signing_socket_; }
   prometheus::Gauge* relay_buffer_bytes() { return &relay_buffer_bytes_; }
+  prometheus::Counter* relay_turns_yielded() { return &relay_turns_yielded_; }
   void RecordReload(bool ok);
   void SetCertificateNotAfter(const std::string& listener, const std::string& key,
                               double unix_seconds);
@@ -94,6 +98,7 @@ class ProxyMetrics {
   prometheus::Family<prometheus::Counter>& closed_;
   prometheus::Family<prometheus::Counter>& bytes_;
   prometheus::Gauge& relay_buffer_bytes_;
+  prometheus::Counter& relay_turns_yielded_;
   prometheus::Family<prometheus::Counter>& accept_paused_;
   prometheus::Family<prometheus::Counter>& reloads_;
   prometheus::Counter& paused_connections_;

@@ -111,6 +111,28 @@ run_capture python3 "$CLIENT" idle "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
 check "idle timeout: the proxy closed a silent connection" test "$E2E_RC" -eq 0
 check "idle timeout: logged" grep -q "closed: idle for 1000 ms" "$E2E_TMP/proxy.log"
 
+# ---------------------------------------------------------------- relay turns (after a reload)
+# One buffer per turn: every turn that moves bytes ends at the limit and the connection goes on
+# after the others; the echo must still come back whole, and the turns ended early be counted
+# (with the default 1 MiB turn this transfer ends none early).
+sed -i -e 's/idle_timeout_ms: 1000/idle_timeout_ms: 60000/' \
+  -e 's/^limits:/limits:\n  relay_turn_bytes: 4096/' "$E2E_TMP/short.yaml"
+kill -HUP "$PROXY_PID"
+for ((i = 0; i < 200; i++)); do
+  [[ "$(proxy_metric 'custody_proxy_config_reloads_total{outcome="ok"}')" -ge 2 ]] && break
+  sleep 0.05
+done
+check "relay turns: the reload was taken" \
+  test "$(proxy_metric 'custody_proxy_config_reloads_total{outcome="ok"}')" -ge 2
+yielded_before=$(proxy_metric custody_proxy_relay_turns_yielded_total)
+run_capture python3 "$CLIENT" half-close "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA"
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+check "relay turns of one buffer: 200000 bytes echoed back whole" \
+  grep -q '^ok: half-close: 200000 bytes' "$E2E_OUT"
+yielded=$(($(proxy_metric custody_proxy_relay_turns_yielded_total) - yielded_before))
+check "relay turns of one buffer: $yielded turns ended at the limit (at least 12)" \
+  test "$yielded" -ge 12
+
 # ---------------------------------------------------------------- backend refuses, resets
 e2e_stop_backend
 before=$(grep -c 'closed:.*backend' "$E2E_TMP/proxy.log" || true)

@@ -79,6 +79,8 @@ TEST_F(ProxyConfigTest, MinimalConfigGetsSecureDefaults) {
   EXPECT_EQ(config->limits().idle_timeout_ms(), kDefaultIdleTimeoutMs);
   EXPECT_EQ(config->limits().buffer_bytes(), kDefaultBufferBytes);
   EXPECT_EQ(config->limits().drain_timeout_ms(), kDefaultDrainTimeoutMs);
+  EXPECT_EQ(config->limits().relay_turn_bytes(), kDefaultRelayTurnBytes);
+  EXPECT_EQ(kDefaultRelayTurnBytes, 1048576u) << "1 MiB per turn, about 1 ms of a worker";
 }
 
 TEST_F(ProxyConfigTest, UnknownFieldIsNamed) {
@@ -196,6 +198,10 @@ TEST_F(ProxyConfigTest, ListenersAndBackendsAreChecked) {
               {"metrics.listen", "loopback"});
   ExpectError(KeyService() + Listener() + "limits: {buffer_bytes: 100}\n",
               {"limits.buffer_bytes", "4096"});
+  ExpectError(KeyService() + Listener() + "limits: {relay_turn_bytes: 1000}\n",
+              {"limits.relay_turn_bytes", "4096", "67108864"});
+  ExpectError(KeyService() + Listener() + "limits: {relay_turn_bytes: 100000000}\n",
+              {"limits.relay_turn_bytes", "67108864"});
   ExpectError(KeyService() + Listener() + "workers: 1000\n", {"workers"});
 }
 
