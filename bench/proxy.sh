@@ -2,7 +2,7 @@
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
 #   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4]
-#                  [--session-tickets N] [--build DIR]
+#                  [--session-tickets N] [--relay-turn-bytes N] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
 # plaintext backend (custody-lab-backend), and three TLS servers in front of it, each with one
@@ -37,7 +37,8 @@
 # figure); latency percentiles are taken over the requests of all rounds instead. --sections
 # picks which of the four figures to measure (default all); --session-tickets sets the proxy's
 # tls.session_tickets and nginx-matched's ticket count (default: the proxy's own default, 1;
-# stock nginx sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake).
+# stock nginx sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake);
+# --relay-turn-bytes sets the proxy's limits.relay_turn_bytes (default 1 MiB).
 # Loopback only; every load is bounded in time or bytes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,6 +48,7 @@ ROUNDS=3
 TRANSPORT=socket
 SECTIONS=1,2,3,4
 TICKETS=
+TURN=
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECS=$2; shift 2 ;;
@@ -54,8 +56,9 @@ while [ $# -gt 0 ]; do
     --keyd-transport) TRANSPORT=$2; shift 2 ;;
     --sections) SECTIONS=$2; shift 2 ;;
     --session-tickets) TICKETS=$2; shift 2 ;;
+    --relay-turn-bytes) TURN=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--build DIR]" >&2
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--relay-turn-bytes N] [--build DIR]" >&2
        exit 2 ;;
   esac
 done
@@ -164,6 +167,15 @@ if [ -n "$TICKETS" ]; then
   # Tickets per full handshake: the proxy's default is 1; nginx (OpenSSL's default) sends 2.
   sed -i "s/^    tls:\$/    tls:\n      session_tickets: $TICKETS/" "$TMP/proxy.yaml"
   grep -q "session_tickets: $TICKETS" "$TMP/proxy.yaml" || { echo "bench/proxy.sh: no tls section to set session_tickets in" >&2; exit 1; }
+fi
+if [ -n "$TURN" ]; then
+  # The proxy's limits.relay_turn_bytes (default 1 MiB): what a connection moves each way per
+  # loop turn before the others go first.
+  if grep -q "^limits:" "$TMP/proxy.yaml"; then
+    sed -i "s/^limits:\$/limits:\n  relay_turn_bytes: $TURN/" "$TMP/proxy.yaml"
+  else
+    printf 'limits:\n  relay_turn_bytes: %s\n' "$TURN" >>"$TMP/proxy.yaml"
+  fi
 fi
 start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
 wait_port "$CUSTODY_BACKEND_ADDR"
@@ -300,7 +312,7 @@ if [ -z "${SUITE[proxy]}" ] || [ "${SUITE[proxy]}" != "${SUITE[matched]}" ]; the
   echo "bench/proxy.sh: nginx-matched picks '${SUITE[matched]}', the proxy '${SUITE[proxy]}'" >&2
   exit 1
 fi
-echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT, proxy session tickets ${TICKETS:-1 (default)}"
+echo "# bench/proxy.sh: $SECS s per run, server CPU $SERVER_CPU, client CPU $CLIENT_CPU, $(nginx -v 2>&1), proxy to keyd over $TRANSPORT, proxy session tickets ${TICKETS:-1 (default)}, relay turn ${TURN:-1048576 (default)} bytes"
 echo "# TLS 1.3 suites: custody-proxy ${SUITE[proxy]}, nginx-file ${SUITE[file]} (stock), nginx-matched ${SUITE[matched]} (the proxy's defaults)"
 if want 1; then
 echo
