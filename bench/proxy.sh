@@ -171,11 +171,8 @@ fi
 if [ -n "$TURN" ]; then
   # The proxy's limits.relay_turn_bytes (default 1 MiB): what a connection moves each way per
   # loop turn before the others go first.
-  if grep -q "^limits:" "$TMP/proxy.yaml"; then
-    sed -i "s/^limits:\$/limits:\n  relay_turn_bytes: $TURN/" "$TMP/proxy.yaml"
-  else
-    printf 'limits:\n  relay_turn_bytes: %s\n' "$TURN" >>"$TMP/proxy.yaml"
-  fi
+  sed -i "s/^limits:\$/limits:\n  relay_turn_bytes: $TURN/" "$TMP/proxy.yaml"
+  grep -q "relay_turn_bytes: $TURN" "$TMP/proxy.yaml" || { echo "bench/proxy.sh: no limits section to set relay_turn_bytes in" >&2; exit 1; }
 fi
 start proxy "$SERVER_CPU" "$BIN/custody-proxy" --config "$TMP/proxy.yaml" --log-level warn
 wait_port "$CUSTODY_BACKEND_ADDR"
@@ -449,9 +446,9 @@ lat_figures() { # lat_figures LABEL SUFFIX: prints p50 and p99 of direct, proxy 
 for round in $(seq 1 "$ROUNDS"); do
   : >"$TMP/lat/direct.r" && : >"$TMP/lat/proxy.r" && : >"$TMP/lat/nginx.r"
   for block in 0 1 2 3 4; do
-    order=(direct proxy nginx)
-    for k in 0 1 2; do
-      case ${order[$(((k + block + round) % 3))]} in
+    # shellcheck disable=SC2046
+    for who in $(rotate $((block + round)) direct proxy nginx); do
+      case $who in
         direct) lat "$CUSTODY_BACKEND_ADDR" "$TMP/lat/direct.r" --plain ;;
         proxy) lat "$CUSTODY_PROXY_ADDR" "$TMP/lat/proxy.r" ;;
         nginx) lat "127.0.0.1:$NGINX_FILE_PORT" "$TMP/lat/nginx.r" ;;

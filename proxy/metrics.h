@@ -18,10 +18,9 @@
 //   custody_proxy_bytes_total{listener,direction}         relayed: client_to_backend,
 //                                                         backend_to_client
 //   custody_proxy_relay_buffer_bytes                      relay buffer memory held now
-//   custody_proxy_relay_turns_yielded_total               relay turns ended by
-//   limits.relay_turn_bytes
-//                                                         with work left (others went first)
 //                                                         (connections idle 1 s give theirs back)
+//   custody_proxy_relay_turns_yielded_total               relay turns ended at the turn limit
+//                                                         with bytes left (others went first)
 //   custody_proxy_accept_paused_total{reason}             accepting paused: connections, handshakes
 //   custody_proxy_config_reloads_total{outcome}           SIGHUP reloads: ok, refused
 //   custody_proxy_certificate_not_after_seconds{listener,key}  served leaf certificate expiry
