@@ -18,7 +18,7 @@ inline constexpr uint32_t kDefaultMaxHandshakes = 256;
 inline constexpr uint32_t kDefaultHandshakeTimeoutMs = 10000;
 inline constexpr uint32_t kDefaultIdleTimeoutMs = 300000;
 inline constexpr uint32_t kDefaultBufferBytes = 16384;
-inline constexpr uint32_t kDefaultRelayTurnBytes = 1048576;
+inline constexpr uint32_t kDefaultRelayTurnBytes = 2097152;
 inline constexpr uint32_t kDefaultDrainTimeoutMs = 30000;
 
 // LoadProxyConfig reads, defaults and validates the config at `path`. INVALID_ARGUMENT names the

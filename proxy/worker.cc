@@ -168,17 +168,18 @@ struct Worker::Connection {
   int64_t deadline_ms = 0;  // Handshake or connect deadline.
   int64_t last_active_ms = 0;
 
-  bool paused = false;     // A handshake ASYNC job is waiting for its signature.
-  bool abandoned = false;  // Closed while paused: freed once the job has finished.
-  bool closed = false;     // Waiting to be freed at the end of the loop turn.
-  bool queued_pump = false;
+  bool paused = false;            // A handshake ASYNC job is waiting for its signature.
+  bool abandoned = false;         // Closed while paused: freed once the job has finished.
+  bool closed = false;            // Waiting to be freed at the end of the loop turn.
+  bool queued_pump = false;       // Busy: in the worker's queue for its next relay turn.
   bool buffers_released = false;  // Since the last Pump (see kReleaseIdleMs).
-  // A relay turn moves at most this many buffers each way before the loop serves the others
-  // (limits.relay_turn_bytes; fairness); the rest is picked up in the next turn. The default,
-  // 1 MiB with 16 KB buffers, is about a millisecond of a worker's time: every connection ready
-  // meanwhile waits at most that long per busy one. Longer turns cost less CPU per byte when
-  // many transfers are busy (fewer idle readers to wake): 8 downloads at once took 3% less
-  // CPU per GB with 2 MiB turns, 5-10% more with 256 KB ones (interleaved A/B runs).
+  // A relay turn moves at most this many buffers each way before the loop looks at its
+  // sockets again (limits.relay_turn_bytes); a relay that used it up with bytes left is busy
+  // and queues for its next turn, behind the other busy ones. The default, 2 MiB with 16 KB
+  // buffers, is about 2 ms of a worker's time: a connection that becomes ready waits for at
+  // most one turn, however many transfers are busy. Shorter turns cost more CPU per byte when
+  // several transfers are busy (8 downloads: about 4% more per GB with 1 MiB turns, 5-10% more
+  // with 256 KB ones; interleaved A/B runs).
   uint32_t turn_rounds = 1;
 
   bool client_eof = false;         // No more bytes will come from the client.
@@ -437,10 +438,12 @@ void Worker::Run() {
       }
     }
     ResumeLocal();  // Handshakes whose answers this thread read (the signing lane).
-    // Relays that used up their quota continue here, after everyone else had a turn.
-    std::vector<Connection*> pump;
-    pump.swap(to_pump_);
-    for (Connection* c : pump) {
+    // One busy relay takes its next turn, then the loop looks at the sockets again: whatever
+    // became ready waits for at most one turn however many transfers are busy, and the busy
+    // ones take turns in order.
+    if (!to_pump_.empty()) {
+      Connection* c = to_pump_.front();
+      to_pump_.pop_front();
       c->queued_pump = false;
       if (!c->closed) {
         Pump(*c);
@@ -629,6 +632,11 @@ void Worker::OnEvent(Watch* watch, uint32_t events) {
       }
       break;
     case Connection::Phase::kRelay:
+      // A busy relay waiting in the queue takes its turn there; its sockets' news only marks
+      // them ready (above), so a busy transfer is served a turn at a time, in its place.
+      if (c.queued_pump && !failed) {
+        break;
+      }
       // A hang-up or error is reported even when nothing is wanted from that socket: if it
       // lets nothing more move, the connection is over.
       if (!Pump(c) && (events & (EPOLLHUP | EPOLLERR)) && !c.closed) {
@@ -979,7 +987,7 @@ bool Worker::Pump(Connection& c) {
     return true;
   }
   if (progress) {
-    // Quota used up with work left: continue after the other connections had their turn.
+    // Turn used up with bytes left: busy, the next turn comes in the queue (see Run).
     metrics_->relay_turns_yielded()->Increment();
     if (!c.queued_pump) {
       c.queued_pump = true;

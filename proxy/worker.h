@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -140,7 +141,7 @@ class Worker {
   int handshakes_ = 0;  // Connections in the handshake (paused ones included).
   std::vector<std::unique_ptr<Connection>> connections_;  // Unordered; index in Connection.
   std::vector<Connection*> to_free_;                      // Closed during this loop turn.
-  std::vector<Connection*> to_pump_;  // Relays that stopped at their turn's quota.
+  std::deque<Connection*> to_pump_;  // Busy relays: they used up a turn with bytes left.
 };
 
 // NowMs is CLOCK_MONOTONIC in milliseconds.

@@ -80,7 +80,7 @@ TEST_F(ProxyConfigTest, MinimalConfigGetsSecureDefaults) {
   EXPECT_EQ(config->limits().buffer_bytes(), kDefaultBufferBytes);
   EXPECT_EQ(config->limits().drain_timeout_ms(), kDefaultDrainTimeoutMs);
   EXPECT_EQ(config->limits().relay_turn_bytes(), kDefaultRelayTurnBytes);
-  EXPECT_EQ(kDefaultRelayTurnBytes, 1048576u) << "1 MiB per turn, about 1 ms of a worker";
+  EXPECT_EQ(kDefaultRelayTurnBytes, 2097152u) << "2 MiB per turn, about 2 ms of a worker";
 }
 
 TEST_F(ProxyConfigTest, UnknownFieldIsNamed) {
