@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/proxy.sh: custody-proxy against nginx, side by side in one run, as ratios.
 #
-#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4]
+#   bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4,5]
 #                  [--session-tickets N] [--relay-turn-bytes N] [--build DIR]
 #
 # One SoftHSM2 lab without Ed25519 (libp11's engine cannot read a token holding one), one
@@ -29,16 +29,18 @@
 #      seconds per GB and MB/s against nginx-file's stream proxy.
 #   4. Added latency of a small keep-alive request (p50, p99) over the backend reached directly,
 #      percentiles over every round's requests (blocks of the three interleaved).
+#   5. Latency of a small keep-alive request while 8 downloads run on the same worker (p50,
+#      p99), through the proxy and nginx-file: what a busy transfer costs the others. No goal.
 # The machine is shared and noisy: read ratios, not absolute figures. Each figure is measured in
 # R rounds (default 3) that interleave our server and the peers, in an order that rotates from
 # round to round (the nginx set-ups of the bulk and latency figures run through their whole
 # section, like the proxy; the handshake figure starts each afresh), each round gives a ratio,
 # and the median ratio is the result (a burst of load from elsewhere then spoils one round, not the
 # figure); latency percentiles are taken over the requests of all rounds instead. --sections
-# picks which of the four figures to measure (default all); --session-tickets sets the proxy's
+# picks which of the five figures to measure (default all); --session-tickets sets the proxy's
 # tls.session_tickets and nginx-matched's ticket count (default: the proxy's own default, 1;
 # stock nginx sends OpenSSL's 2, and a ticket costs the server CPU on every full handshake);
-# --relay-turn-bytes sets the proxy's limits.relay_turn_bytes (default 1 MiB).
+# --relay-turn-bytes sets the proxy's limits.relay_turn_bytes (default 2 MiB).
 # Loopback only; every load is bounded in time or bytes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,7 +48,7 @@ BUILD=$ROOT/build
 SECS=5
 ROUNDS=3
 TRANSPORT=socket
-SECTIONS=1,2,3,4
+SECTIONS=1,2,3,4,5
 TICKETS=
 TURN=
 while [ $# -gt 0 ]; do
@@ -58,7 +60,7 @@ while [ $# -gt 0 ]; do
     --session-tickets) TICKETS=$2; shift 2 ;;
     --relay-turn-bytes) TURN=$2; shift 2 ;;
     --build) BUILD=$2; shift 2 ;;
-    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4] [--session-tickets N] [--relay-turn-bytes N] [--build DIR]" >&2
+    *) echo "usage: bench/proxy.sh [--seconds N] [--rounds R] [--keyd-transport socket|unix|tcp] [--sections 1,2,3,4,5] [--session-tickets N] [--relay-turn-bytes N] [--build DIR]" >&2
        exit 2 ;;
   esac
 done
@@ -169,7 +171,7 @@ if [ -n "$TICKETS" ]; then
   grep -q "session_tickets: $TICKETS" "$TMP/proxy.yaml" || { echo "bench/proxy.sh: no tls section to set session_tickets in" >&2; exit 1; }
 fi
 if [ -n "$TURN" ]; then
-  # The proxy's limits.relay_turn_bytes (default 1 MiB): what a connection moves each way per
+  # The proxy's limits.relay_turn_bytes (default 2 MiB): what a connection moves each way per
   # loop turn before the others go first.
   sed -i "s/^limits:\$/limits:\n  relay_turn_bytes: $TURN/" "$TMP/proxy.yaml"
   grep -q "relay_turn_bytes: $TURN" "$TMP/proxy.yaml" || { echo "bench/proxy.sh: no limits section to set relay_turn_bytes in" >&2; exit 1; }
@@ -256,6 +258,8 @@ rotate() {
     echo "${@:k+1:1}"
   done
 }
+# pct FILE Q: the Q-th percentile (0-100) of the samples in FILE
+pct() { sort -g "$1" | awk -v q="$2" '{ v[NR] = $1 } END { i = int(NR * q / 100) + 1; if (i > NR) i = NR; printf "%.1f", v[i] }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
 # handshake_run ADDR SNI CONC PIDS...: prints "handshakes rate cpu_ticks..." (one per pid group)
@@ -427,8 +431,6 @@ lat() { # lat ADDR SAMPLES [--plain]
   pin_client "$BIN/custody-bench-tls" latency --connect "$1" --sni ec256.lab.test --ca "$CUSTODY_CA" \
     --requests 1000 --samples "$2" "${@:3}" >/dev/null
 }
-# pct FILE Q: the Q-th percentile (0-100) of the samples in FILE
-pct() { sort -g "$1" | awk -v q="$2" '{ v[NR] = $1 } END { i = int(NR * q / 100) + 1; if (i > NR) i = NR; printf "%.1f", v[i] }'; }
 add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
 start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
 mkdir -p "$TMP/lat"
@@ -462,4 +464,49 @@ stop_nginx
 echo
 lat_figures "all $((ROUNDS * 5000)) requests each,"
 echo "(goal: added latency proxy / nginx <= 1.0 at p50 and p99)"
+fi
+if want 5; then
+echo
+echo "## 5. Latency of a small keep-alive request while 8 downloads run on the same worker, $ROUNDS rounds of 300 requests"
+# The price of a busy transfer for everyone else on its worker (what limits.relay_turn_bytes
+# trades against CPU per byte): eight 1 GiB downloads through the server, and once they flow,
+# a small request at a time on a connection of its own. The requests' client runs at real-time
+# priority where it may (else it would mostly measure its wait for CPU 1 behind the downloads'
+# client); the backend serves both. The downloads stop when the requests are done. No goal.
+RT=()
+if chrt -f 10 true 2>/dev/null; then RT=(chrt -f 10); fi
+mkdir -p "$TMP/busy"
+: >"$TMP/busy/proxy" && : >"$TMP/busy/nginx"
+busy_lat() { # busy_lat ADDR SAMPLES
+  pin_client "$BIN/custody-bench-tls" bulk --connect "$1" --sni ec256.lab.test --ca "$CUSTODY_CA" \
+    -c 8 --bytes 1073741824 >/dev/null 2>&1 &
+  local bulk=$!
+  sleep 0.5
+  "${RT[@]}" taskset -c "$CLIENT_CPU" "$BIN/custody-bench-tls" latency --connect "$1" --sni ec256.lab.test \
+    --ca "$CUSTODY_CA" --requests 300 --samples "$2" >/dev/null
+  kill "$bulk" 2>/dev/null || true
+  wait "$bulk" 2>/dev/null || true
+}
+start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
+printf '%-5s %14s %14s %14s %14s\n' round "proxy p50 us" "nginx p50 us" "proxy p99 us" "nginx p99 us"
+for round in $(seq 1 "$ROUNDS"); do
+  : >"$TMP/busy/proxy.r" && : >"$TMP/busy/nginx.r"
+  # shellcheck disable=SC2046
+  for who in $(rotate "$round" proxy nginx); do
+    case $who in
+      proxy) busy_lat "$CUSTODY_PROXY_ADDR" "$TMP/busy/proxy.r" ;;
+      nginx) busy_lat "127.0.0.1:$NGINX_FILE_PORT" "$TMP/busy/nginx.r" ;;
+    esac
+  done
+  for who in proxy nginx; do cat "$TMP/busy/$who.r" >>"$TMP/busy/$who"; done
+  printf '%-5s %14s %14s %14s %14s\n' "$round" "$(pct "$TMP/busy/proxy.r" 50)" "$(pct "$TMP/busy/nginx.r" 50)" \
+    "$(pct "$TMP/busy/proxy.r" 99)" "$(pct "$TMP/busy/nginx.r" 99)"
+done
+stop_nginx
+for q in 50 99; do
+  p=$(pct "$TMP/busy/proxy" $q)
+  n=$(pct "$TMP/busy/nginx" $q)
+  echo "all $((ROUNDS * 300)) requests each, p$q: via proxy $p us, via nginx $n us; proxy / nginx = $(ratio "$p" "$n") (no goal)"
+done
+[ ${#RT[@]} -gt 0 ] || echo "(the requests' client could not take real-time priority: it also waited for CPU 1)"
 fi
