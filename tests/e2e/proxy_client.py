@@ -9,6 +9,8 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
   keyd-down ADDR CA PHASE          PHASE=open: open a connection, relay, keep it open, wait
                                    for "go" on stdin, relay again byte for byte
   relay ADDR CA [SIZE]             SIZE random bytes through an echo backend, unchanged
+  busy-relays ADDR CA N SIZE       N connections echo SIZE bytes each at once while another one
+                                   connects and makes small round trips (see its docstring)
   half-close ADDR CA               data and close_notify in one write, then only reading: the
                                    echo comes back whole, then the proxy's close_notify
   truncate ADDR CA                 data and the TCP FIN in one go, no close_notify: the proxy
@@ -26,6 +28,7 @@ Each subcommand prints one line per fact it checked ("ok: ...") and exits 0, or 
                                    wait for the reload
 """
 import os
+import select
 import signal
 import socket
 import ssl
@@ -264,6 +267,111 @@ def memory_tls(addr, ca, sni="ec256.lab.test"):
     return raw, tls, incoming, outgoing
 
 
+class BusyEcho:
+    """One connection pushing SIZE random bytes through the echo backend as fast as the proxy
+    takes them, reading the echo as it comes: a memory-BIO TLS client on a non-blocking socket,
+    so one thread keeps many such connections busy at once."""
+
+    def __init__(self, addr, ca, size):
+        self.raw, self.tls, self.incoming, self.outgoing = memory_tls(addr, ca)
+        self.raw.setblocking(False)
+        self.payload = os.urandom(size)
+        self.sent = 0
+        self.wire = bytearray()  # Ciphertext not yet taken by the socket.
+        self.got = bytearray()
+
+    def done(self):
+        return len(self.got) >= len(self.payload)
+
+    def step(self):
+        """Moves what it can without blocking; returns whether anything moved."""
+        moved = False
+        while self.sent < len(self.payload) and len(self.wire) < 262144:
+            chunk = self.payload[self.sent:self.sent + 16384]
+            self.tls.write(chunk)
+            self.sent += len(chunk)
+            self.wire += self.outgoing.read()
+        if self.wire:
+            try:
+                n = self.raw.send(self.wire)
+                del self.wire[:n]
+                moved = moved or n > 0
+            except BlockingIOError:
+                pass
+        try:
+            data = self.raw.recv(262144)
+            if not data:
+                fail(f"busy-relays: the proxy closed a busy connection after {len(self.got)} bytes")
+            self.incoming.write(data)
+            moved = True
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                chunk = self.tls.read(262144)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:
+                fail("busy-relays: a busy connection ended early")
+            self.got += chunk
+        return moved
+
+
+def busy_relays(addr, ca, n, size):
+    """N connections each echo SIZE random bytes at once, while a further connection is made
+    and does 20 small round trips. Run with one buffer per relay turn, every busy turn ends at
+    the limit and the busy relays take turns in the worker's queue: the newcomer's handshake and
+    round trips must all be answered while every busy transfer still runs (a busy relay queued
+    for its turn never keeps the rest of the worker waiting), and every busy byte must come back
+    unchanged (a busy relay is never dropped from the queue)."""
+    n, size = int(n), int(size)
+    busy = [BusyEcho(addr, ca, size) for _ in range(n)]
+    result = {}
+
+    def newcomer():
+        try:
+            s = connect(addr, ca)
+            for i in range(20):
+                payload = os.urandom(100)
+                if echo_round(s, payload) != payload:
+                    result["error"] = f"round trip {i} came back changed"
+                    return
+            s.close()
+            result["unfinished"] = sum(1 for b in busy if not b.done())
+        except (OSError, ssl.SSLError) as e:
+            result["error"] = str(e)
+
+    started = None
+    deadline = time.monotonic() + 120
+    while not all(b.done() for b in busy):
+        if time.monotonic() > deadline:
+            fail("busy-relays: the busy transfers did not finish within 120 s")
+        moved = False
+        for b in busy:
+            moved = b.step() or moved
+        if started is None and all(len(b.got) >= size // 8 for b in busy):
+            started = threading.Thread(target=newcomer)
+            started.start()
+        if not moved:
+            select.select([b.raw for b in busy], [b.raw for b in busy if b.wire], [], 0.05)
+    for b in busy:
+        b.raw.close()
+        if bytes(b.got[:size]) != b.payload or len(b.got) != size:
+            fail("busy-relays: a busy transfer's echo differs")
+    ok(f"busy-relays: {n} busy transfers of {size} bytes each came back unchanged")
+    if started is None:
+        fail("busy-relays: the transfers never all got going")
+    started.join(60)
+    if "error" in result:
+        fail(f"busy-relays: the newcomer: {result['error']}")
+    if "unfinished" not in result:
+        fail("busy-relays: the newcomer did not finish")
+    if result["unfinished"] != n:
+        fail(f"busy-relays: the newcomer finished after {n - result['unfinished']} busy transfer(s)")
+    ok(f"busy-relays: a newcomer's handshake and 20 round trips were answered while all {n} "
+       "busy transfers ran")
+
+
 def half_close(addr, ca):
     """The client's close_notify arrives with its last bytes; the proxy passes the end on to the
     backend (shutdown(SHUT_WR)) once they are delivered, and keeps relaying the other way: the
@@ -427,7 +535,6 @@ def idle_buffers(addr, ca, n, buffer_bytes):
     ones gave theirs back; the stuck one, idle too, kept its bytes). Then the stuck connection
     reads every byte back unchanged, each quiet one relays again unchanged, and once all are
     closed the gauge is 0."""
-    import select
     n, buffer_bytes = int(n), int(buffer_bytes)
     gauge = "custody_proxy_relay_buffer_bytes"
     quiet = [connect(addr, ca) for _ in range(n)]
@@ -545,7 +652,6 @@ def bad_input(addr, kind):
 
 
 def select_read(s, timeout):
-    import select
     return select.select([s], [], [], timeout)
 
 
@@ -569,6 +675,8 @@ def main():
         keyd_down(*args)
     elif cmd == "relay":
         relay(*args)
+    elif cmd == "busy-relays":
+        busy_relays(*args)
     elif cmd == "half-close":
         half_close(*args)
     elif cmd == "truncate":

@@ -7,6 +7,8 @@
 # - bad input (garbage, plain HTTP, a cut-short ClientHello, a slowloris, a silent client) and
 #   a backend that refuses or resets: that connection ends and is logged, nothing else suffers;
 # - idle connections give their relay buffers back; bytes waiting in a buffer are never dropped.
+# - busy transfers take turns (one buffer each with a short relay turn): every byte comes back,
+#   and a newcomer's handshake and round trips are answered while they all still run.
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 CLIENT="$E2E_LIB_DIR/proxy_client.py"
 
@@ -114,7 +116,7 @@ check "idle timeout: logged" grep -q "closed: idle for 1000 ms" "$E2E_TMP/proxy.
 # ---------------------------------------------------------------- relay turns (after a reload)
 # One buffer per turn: every turn that moves bytes ends at the limit and the connection goes on
 # after the others; the echo must still come back whole, and the turns ended early be counted
-# (with the default 1 MiB turn this transfer ends none early).
+# (with the default 2 MiB turn this transfer ends none early).
 sed -i -e 's/idle_timeout_ms: 1000/idle_timeout_ms: 60000/' \
   -e 's/^limits:/limits:\n  relay_turn_bytes: 4096/' "$E2E_TMP/short.yaml"
 kill -HUP "$PROXY_PID"
@@ -132,10 +134,21 @@ check "relay turns of one buffer: 200000 bytes echoed back whole" \
 yielded=$(($(proxy_metric custody_proxy_relay_turns_yielded_total) - yielded_before))
 check "relay turns of one buffer: $yielded turns ended at the limit (at least 12)" \
   test "$yielded" -ge 12
+# Several busy at once: they take turns in the queue, each byte comes back, and a newcomer's
+# handshake and round trips are answered while they all still run.
+yielded_before=$(proxy_metric custody_proxy_relay_turns_yielded_total)
+run_capture python3 "$CLIENT" busy-relays "$CUSTODY_PROXY_ADDR" "$CUSTODY_CA" 4 8388608
+[[ $E2E_RC -eq 0 ]] || _e2e_show_output
+while read -r line; do pass "relay turns of one buffer: ${line#ok: }"; done < <(grep '^ok:' "$E2E_OUT")
+check "relay turns of one buffer: busy-relays passed every check" test "$E2E_RC" -eq 0
+yielded=$(($(proxy_metric custody_proxy_relay_turns_yielded_total) - yielded_before))
+# 4 x 8 MiB each way in turns of at most 16 KiB each way: at least 2048 turns, most of them
+# ended at the limit.
+check "relay turns of one buffer: $yielded busy turns ended at the limit (at least 1024)" \
+  test "$yielded" -ge 1024
 
 # ---------------------------------------------------------------- backend refuses, resets
 e2e_stop_backend
-before=$(grep -c 'closed:.*backend' "$E2E_TMP/proxy.log" || true)
 run_capture timeout 20 openssl s_client -connect "$CUSTODY_PROXY_ADDR" -CAfile "$CUSTODY_CA" \
   -servername ec256.lab.test -ign_eof </dev/null
 check "backend refuses: the client connection ends (no hang)" test "$E2E_RC" -ne 124
