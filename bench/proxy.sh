@@ -300,15 +300,21 @@ suite() {
   openssl s_client -connect "$1" -servername ec256.lab.test -tls1_3 </dev/null 2>/dev/null |
     sed -n 's/.*Cipher is //p' | head -n 1
 }
+nginx_port() { # nginx_port KIND: the port of nginx-KIND (both engine set-ups share one)
+  case $1 in
+    file) echo "$NGINX_FILE_PORT" ;;
+    matched) echo "$NGINX_MATCHED_PORT" ;;
+    *) echo "$NGINX_ENGINE_PORT" ;;
+  esac
+}
 # The suites each server picks; nginx-matched must pick the proxy's.
 declare -A SUITE
 SUITE[proxy]=$(suite "$CUSTODY_PROXY_ADDR")
-start_nginx nginx-file-ec256 "$NGINX_FILE_PORT"
-SUITE[file]=$(suite "127.0.0.1:$NGINX_FILE_PORT")
-stop_nginx
-start_nginx nginx-matched-ec256 "$NGINX_MATCHED_PORT"
-SUITE[matched]=$(suite "127.0.0.1:$NGINX_MATCHED_PORT")
-stop_nginx
+for kind in file matched; do
+  start_nginx "nginx-$kind-ec256" "$(nginx_port "$kind")"
+  SUITE[$kind]=$(suite "127.0.0.1:$(nginx_port "$kind")")
+  stop_nginx
+done
 if [ -z "${SUITE[proxy]}" ] || [ "${SUITE[proxy]}" != "${SUITE[matched]}" ]; then
   echo "bench/proxy.sh: nginx-matched picks '${SUITE[matched]}', the proxy '${SUITE[proxy]}'" >&2
   exit 1
@@ -332,11 +338,7 @@ for round in $(seq 1 "$ROUNDS"); do
         printf '%-5s %-8s %-20s %9s %8s %10s %10s %10s\n' "$round" "$name" custody-proxy "$n" "$rate" "${R[$name.proxy]}" "$(us_per "$tk" "$n")" "${R[$name.total]}"
         continue
       fi
-      case $kind in
-        file) port=$NGINX_FILE_PORT ;;
-        matched) port=$NGINX_MATCHED_PORT ;;
-        *) port=$NGINX_ENGINE_PORT ;;
-      esac
+      port=$(nginx_port "$kind")
       start_nginx "nginx-$kind-$name" "$port"
       read -r n rate tn < <(handshake_run "127.0.0.1:$port" "$name.lab.test" 16 "$nginx_PID")
       stop_nginx

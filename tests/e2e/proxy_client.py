@@ -356,7 +356,7 @@ def busy_relays(addr, ca, n, size):
             select.select([b.raw for b in busy], [b.raw for b in busy if b.wire], [], 0.05)
     for b in busy:
         b.raw.close()
-        if bytes(b.got[:size]) != b.payload or len(b.got) != size:
+        if bytes(b.got) != b.payload:
             fail("busy-relays: a busy transfer's echo differs")
     ok(f"busy-relays: {n} busy transfers of {size} bytes each came back unchanged")
     if started is None:
